@@ -1,0 +1,139 @@
+"""One sharded unit: its owned slices, its gather buffer, and the state that says which exist.
+
+The unit keeps one persistent *full* buffer in the compute dtype whose storage is resized to 0
+when the unit is SHARDED. Every parameter of the unit is a view into that buffer, set once at
+sharding time, so tensors autograd saved during forward (views of parameters) become valid again
+when the buffer is refilled before backward, and the memory is really released in between.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from concurrent.futures import Future
+
+import torch
+from torch import nn
+
+from communication.collectives import Collectives, Key
+from worker.sharding import FlatLayout, flatten_params, owned_range
+
+log = logging.getLogger(__name__)
+
+
+class UnitState(enum.Enum):
+    """Which tensors hold memory: SHARDED only the owned slices; UNSHARDED also the full buffer."""
+
+    SHARDED = "sharded"  # full buffer has no storage; only owned slices live
+    GATHERING = "gathering"  # an all-gather is in flight; the full buffer is still empty
+    UNSHARDED = "unsharded"  # full buffer holds every parameter; module can run
+
+
+class ShardedUnit:
+    """Owned fp32 master slice (trainable), owned frozen slice, and the gather/free machinery."""
+
+    def __init__(self, layout: FlatLayout, module: nn.Module, params: dict[str, nn.Parameter], *,
+                 rank: int, world_size: int, compute_dtype: torch.dtype, device: torch.device):
+        self.layout = layout
+        self.module = module
+        self.rank = rank
+        self.world_size = world_size
+        self.compute_dtype = compute_dtype
+        self.device = device
+        self.st, self.sf = layout.shard_sizes(world_size)
+        self.params = [params[s.name] for s in layout.slots]
+        self.trainable_params = [p for s, p in zip(layout.slots, self.params) if s.trainable]
+
+        train, frozen = flatten_params(layout, params, world_size, torch.float32)
+        a, b = owned_range(self.st, rank)
+        self.master = nn.Parameter(train[a:b].clone().to(device), requires_grad=self.st > 0)
+        a, b = owned_range(self.sf, rank)
+        self.frozen = frozen[a:b].to(device=device, dtype=compute_dtype).clone()
+
+        n_train = self.st * world_size
+        self.full = torch.empty(n_train + self.sf * world_size, dtype=compute_dtype, device=device)
+        self._nbytes = self.full.untyped_storage().nbytes()
+        for slot, p in zip(layout.slots, self.params):
+            base = 0 if slot.trainable else n_train
+            p.data = self.full[base + slot.offset : base + slot.offset + slot.numel].view(slot.shape)
+        self.state = UnitState.UNSHARDED
+        self.free()
+        self._gather: Future | None = None
+        self._gather_key: Key | None = None
+
+    # --- parameters -------------------------------------------------------------------------
+    def local_shard(self) -> torch.Tensor:
+        """What this rank contributes to an all-gather: its trainable then frozen slice."""
+        own = self.master.detach().to(self.compute_dtype)
+        return torch.cat([own, self.frozen]) if self.sf else own
+
+    def begin_gather(self, collectives: Collectives, key: Key) -> None:
+        """Start the all-gather unless the unit is already gathering or unsharded."""
+        if self.state is not UnitState.SHARDED:
+            return
+        self._gather = collectives.all_gather(key, self.local_shard())
+        self._gather_key = key
+        self.state = UnitState.GATHERING
+
+    def wait_gathered(self, timeout: float) -> None:
+        """Block until the full parameters are in place (gathering first if needed)."""
+        if self.state is UnitState.UNSHARDED:
+            return
+        if self.state is UnitState.SHARDED:
+            raise RuntimeError(f"unit {self.layout.unit}: wait_gathered before begin_gather")
+        gathered = self._gather.result(timeout=timeout)
+        self._gather = None
+        expected = self.world_size * (self.st + self.sf)
+        if gathered.numel() != expected:
+            raise RuntimeError(
+                f"unit {self.layout.unit} key {self._gather_key}: all-gather returned "
+                f"{gathered.numel()} elements, expected {expected}"
+            )
+        self.full.untyped_storage().resize_(self._nbytes)
+        rows = gathered.view(self.world_size, self.st + self.sf)
+        n_train = self.st * self.world_size
+        # .data: refill storage without bumping the version counter of saved views.
+        full = self.full.data
+        full[:n_train].view(self.world_size, self.st).copy_(rows[:, : self.st])
+        if self.sf:
+            full[n_train:].view(self.world_size, self.sf).copy_(rows[:, self.st :])
+        self.state = UnitState.UNSHARDED
+
+    def free(self) -> None:
+        """Release the full buffer's memory; owned slices stay."""
+        if self.state is UnitState.GATHERING:
+            raise RuntimeError(f"unit {self.layout.unit}: free while a gather is in flight")
+        self.full.untyped_storage().resize_(0)
+        self.state = UnitState.SHARDED
+
+    # --- gradients --------------------------------------------------------------------------
+    def take_flat_grad(self) -> torch.Tensor:
+        """The unit's full padded fp32 gradient (zeros where none arrived); clears ``.grad``."""
+        flat = torch.zeros(self.st * self.world_size, dtype=torch.float32, device=self.device)
+        for slot, p in zip(self.layout.slots, self.params):
+            if not slot.trainable:
+                continue
+            if p.grad is not None:
+                flat[slot.offset : slot.offset + slot.numel].copy_(p.grad.reshape(-1))
+                p.grad = None
+        return flat
+
+    def add_owned_grad(self, owned: torch.Tensor, scale: float) -> None:
+        """Accumulate a reduced owned gradient slice (times ``scale``) into ``master.grad``."""
+        if owned.numel() != self.st:
+            raise RuntimeError(
+                f"unit {self.layout.unit}: reduce-scatter returned {owned.numel()} elements, "
+                f"expected {self.st}"
+            )
+        owned = owned.to(device=self.device, dtype=torch.float32) * scale
+        if self.master.grad is None:
+            self.master.grad = owned
+        else:
+            self.master.grad.add_(owned)
+
+    def state_bytes(self) -> int:
+        """Bytes of model state this rank holds for the unit: master, grad, frozen slice."""
+        n = self.master.numel() * self.master.element_size() + self.frozen.numel() * self.frozen.element_size()
+        if self.master.grad is not None:
+            n += self.master.grad.numel() * 4
+        return n
