@@ -147,6 +147,28 @@ class Zero3Engine:
                     g.mul_(coef)
         return norm, (total[1:] if extra is not None else None)
 
+    def iter_full_weights(self, *, trainable_only: bool = False):
+        """Yield (name, full fp32 tensor) unit by unit, gathered from the owned master slices.
+
+        Every rank must call it (it is collective); at most one unit is held at a time.
+        """
+        for unit in self.units:
+            if trainable_only and unit.st == 0:
+                continue
+            shard = torch.cat([unit.master.detach().float(), unit.frozen.float()])
+            key = self._key(Phase.GATHER_FORWARD, unit.layout.unit)
+            self.collective_counts[Phase.GATHER_FORWARD] += 1
+            rows = self.coll.all_gather(key, shard).result(timeout=self.config.timeout)
+            rows = rows.view(self.coll.world_size, unit.st + unit.sf).cpu()
+            train = rows[:, : unit.st].reshape(-1)
+            frozen = rows[:, unit.st :].reshape(-1)
+            for slot in unit.layout.slots:
+                if trainable_only and not slot.trainable:
+                    continue
+                region = train if slot.trainable else frozen
+                yield slot.name, region[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+        self._forward_index += 1
+
     def end_step(self) -> None:
         """Mark the end of an optimizer step: the next collectives carry the next step number."""
         self.step_index += 1

@@ -1,0 +1,94 @@
+"""The whole training configuration: one dataclass per concern, loadable from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.data import DataConfig
+from worker.models import LoraSettings, ModelConfig
+
+from worker.optim import OptimConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRECISIONS = ("no", "bf16", "fp16")
+BACKENDS = ("grpc", "torch")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """What to train and how; validated with the numbers in the message."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 30
+    grad_accum: int = 1
+    micro_batch_rows: int = 8  # rows per GLOBAL micro-batch; each rank takes rows / world_size
+    mixed_precision: str = "no"
+    device: str = "cpu"
+    backend: str = "grpc"
+    codec: str = "raw"
+    eval_every: int = 0
+    eval_batches: int = 2
+    log_every: int = 1
+    unit_pattern: str | None = None
+    timeout: float = 120.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.micro_batch_rows < 1:
+            raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of {PRECISIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Every rank must get the same number of rows of every global micro-batch."""
+        if self.micro_batch_rows % world_size:
+            raise ValueError(
+                f"micro_batch_rows ({self.micro_batch_rows}) is not divisible by the world size "
+                f"({world_size}): every rank must read the same number of rows"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                    "lora": LoraSettings}
+        for name, kind in sections.items():
+            if isinstance(data.get(name), dict):
+                data[name] = _build(kind, data[name], name)
+        return _build(cls, data, "train")
+
+
+def _build(kind, values: dict, section: str):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) in [{section}]: {unknown}; known: {sorted(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return kind(**values)
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a TOML file of options: top-level keys for training, tables [model] [data] [optim] [lora]."""
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)

@@ -1,0 +1,141 @@
+"""Start a local coordinator and N worker processes, stream their output with rank prefixes.
+
+Used by ``zerop2p train``, ``scripts/launch_workers.py`` and the two-worker integration script.
+Every wait has a deadline; on failure or timeout every child is killed and the failing one named.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+URL_LINE = re.compile(r"coordinator listening on (http://\S+)")
+
+
+@dataclass(slots=True, kw_only=True)
+class Child:
+    """A child process whose output is copied, prefixed, to our stdout by its own thread."""
+
+    name: str
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+
+def _pump(child: Child, echo: bool, first_match: re.Pattern | None, found: dict,
+          event: threading.Event) -> None:
+    for line in child.proc.stdout:
+        line = line.rstrip("\n")
+        child.lines.append(line)
+        if echo:
+            print(f"[{child.name}] {line}", flush=True)
+        if first_match is not None and not event.is_set():
+            m = first_match.search(line)
+            if m:
+                found["match"] = m.group(1)
+                event.set()
+    event.set()  # the process closed its output: wake any waiter
+
+
+def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = True,
+          wait_for: re.Pattern | None = None, timeout: float = 60.0) -> tuple[Child, str | None]:
+    """Start ``argv`` with merged stdout/stderr; optionally wait for a line matching ``wait_for``."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, start_new_session=True)
+    child = Child(name=name, proc=proc)
+    found: dict = {}
+    event = threading.Event()
+    child.thread = threading.Thread(target=_pump, args=(child, echo, wait_for, found, event),
+                                    daemon=True)
+    child.thread.start()
+    if wait_for is not None:
+        if not event.wait(timeout) or "match" not in found:
+            kill_all([child])
+            tail = "\n".join(child.lines[-20:])
+            raise RuntimeError(f"{name} did not print {wait_for.pattern!r} within {timeout}s:\n{tail}")
+    return child, found.get("match")
+
+
+def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_timeout: float = 10.0,
+                      echo: bool = True) -> tuple[Child, str]:
+    """A real coordinator on a free port; returns it and its URL."""
+    argv = [sys.executable, "-m", "worker.cli", "coordinator", "--host", "127.0.0.1", "--port", "0",
+            "--db", db, "--heartbeat-timeout", str(heartbeat_timeout)]
+    if token:
+        argv += ["--token", token]
+    child, url = spawn("coordinator", argv, echo=echo, wait_for=URL_LINE, timeout=60.0)
+    return child, url
+
+
+def worker_argv(url: str, *, worker_id: str, min_workers: int, token: str | None,
+                extra: list[str]) -> list[str]:
+    argv = [sys.executable, "-m", "worker.cli", "worker", "--coordinator", url,
+            "--worker-id", worker_id, "--min-workers", str(min_workers)]
+    if token:
+        argv += ["--token", token]
+    return argv + extra
+
+
+def wait_all(children: list[Child], *, timeout: float) -> None:
+    """Wait until every child exits 0; on the first failure or at the deadline kill the rest."""
+    exits: queue.Queue[Child] = queue.Queue()
+    for child in children:
+        threading.Thread(target=lambda c=child: (c.proc.wait(), exits.put(c)), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    pending = {c.name for c in children}
+    while pending:
+        try:
+            child = exits.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            kill_all(children)
+            raise TimeoutError(f"{sorted(pending)} still running after {timeout}s") from None
+        pending.discard(child.name)
+        if child.proc.returncode != 0:
+            kill_all(children)
+            if child.thread:
+                child.thread.join(timeout=5)
+            tail = "\n".join(child.lines[-30:])
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n{tail}")
+    for child in children:
+        if child.thread:
+            child.thread.join(timeout=5)
+
+
+def kill_all(children: list[Child]) -> None:
+    """SIGKILL every child still running and reap it."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.kill()
+    for child in children:
+        try:
+            child.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("%s (pid %d) did not die after SIGKILL", child.name, child.proc.pid)
+
+
+def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = "local-token",
+                      timeout: float = 1800.0, echo: bool = True,
+                      worker_env: dict | None = None) -> list[Child]:
+    """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed."""
+    coordinator, url = start_coordinator(token=token, echo=echo)
+    workers: list[Child] = []
+    try:
+        for i in range(world_size):
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size, token=token,
+                               extra=worker_args)
+            child, _ = spawn(f"w{i}", argv, env=worker_env, echo=echo)
+            workers.append(child)
+        wait_all(workers, timeout=timeout)
+        return workers
+    finally:
+        kill_all(workers + [coordinator])

@@ -1,0 +1,171 @@
+"""The worker entry point: transport, membership, model, sharding, training, final report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from communication.collectives import Collectives
+from worker.config import TrainConfig
+from worker.zero3 import ShardConfig, Zero3Engine, shard_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """How this worker joins the cluster, plus what the cluster trains."""
+
+    coordinator: str
+    token: str | None = None
+    worker_id: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
+    host: str = "127.0.0.1"  # the address peers use to reach this worker
+    bind_host: str = "127.0.0.1"
+    port: int = 0
+    min_workers: int = 2
+    join_timeout: float = 120.0
+    heartbeat_interval: float = 2.0
+    output: str | None = None  # rank 0 writes final weights and a result JSON here
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_collectives(cfg: WorkerConfig, generation, transport) -> Collectives:
+    """The transport for this generation: our gRPC collectives or torch.distributed."""
+    peers = [f"{p.ip_address}:{p.port}" for p in generation.peers]
+    if cfg.train.backend == "grpc":
+        return transport.collectives(rank=generation.rank, world_size=generation.world_size,
+                                     peers=peers, generation=generation.generation,
+                                     timeout=cfg.train.timeout, codec=cfg.train.codec)
+    from communication.torch_collectives import TorchCollectives
+
+    backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
+    return TorchCollectives(rank=generation.rank, world_size=generation.world_size,
+                            store_addr=peers[0], backend=backend, timeout=cfg.train.timeout,
+                            device=torch.device(cfg.train.device))
+
+
+def build_data_and_model(train: TrainConfig):
+    """Tokenizer, dataset and (LoRA-wrapped) model, identical on every rank for one seed."""
+    from worker.data import PackedText, load_tokenizer
+    from worker.models import apply_lora, build_model
+
+    local_dir = train.model.name if Path(train.model.name).is_dir() else None
+    tokenizer = load_tokenizer(local_dir)
+    if train.model.task == "sequence-classification":
+        from worker.data import ClassificationData
+
+        data = ClassificationData(train.data, tokenizer)
+    else:
+        data = PackedText(train.data, tokenizer)
+    model = build_model(train.model, vocab_size=tokenizer.vocab_size)
+    if train.lora is not None:
+        model = apply_lora(model, train.lora)
+    return data, model
+
+
+def shard(train: TrainConfig, model, collectives: Collectives, generation: int) -> Zero3Engine:
+    """Shard ``model`` into units (found automatically, or by ``unit_pattern``)."""
+    from worker.models import find_block_modules
+
+    blocks = find_block_modules(model, pattern=train.unit_pattern)
+    device = torch.device(train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return shard_model(model, collectives=collectives,
+                       config=ShardConfig(generation=generation, timeout=train.timeout,
+                                          compute_dtype=DTYPES[train.mixed_precision],
+                                          device=device),
+                       block_names=blocks)
+
+
+def write_output(out_dir: str, engine: Zero3Engine, trainer, generation) -> None:
+    """Rank 0 saves the full trained weights (safetensors) and a result JSON; all ranks gather."""
+    from safetensors.torch import save_file
+
+    weights = dict(engine.iter_full_weights())
+    if generation.rank != 0:
+        return
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "weights.safetensors"))
+    result = {
+        "world_size": generation.world_size,
+        "generation": generation.generation,
+        "losses": [s.loss for s in trainer.history],
+        "grad_norms": [s.grad_norm for s in trainer.history],
+        "eval": trainer.eval_history,
+        "steps": [s.to_dict() for s in trainer.history],
+        "collectives_per_step": {
+            p.value: n / max(len(trainer.history), 1) for p, n in engine.collective_counts.items()
+        },
+    }
+    (path / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def free_port(host: str) -> int:
+    """A port the OS says is free now (for torch.distributed's store on rank 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """Join, train, report, leave. Returns the process exit code."""
+    from worker.membership import Membership
+
+    from worker.trainer import Trainer
+
+    transport = None
+    if cfg.train.backend == "grpc":
+        from communication.grpc_collectives import GrpcTransport
+
+        transport = GrpcTransport(host=cfg.bind_host, port=cfg.port, token=cfg.token)
+        port = transport.port
+    else:
+        port = cfg.port or free_port(cfg.bind_host)
+    membership = Membership(cfg.coordinator, token=cfg.token, worker_id=cfg.worker_id,
+                            ip_address=cfg.host, port=port, device=cfg.train.device,
+                            heartbeat_interval=cfg.heartbeat_interval,
+                            cpu_cores=os.cpu_count() or 1)
+    collectives = None
+    try:
+        gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
+        log.info("%s joined generation %d as rank %d of %d", cfg.worker_id, gen.generation,
+                 gen.rank, gen.world_size)
+        cfg.train.check_world_size(gen.world_size)
+        data, model = build_data_and_model(cfg.train)
+        collectives = build_collectives(cfg, gen, transport)
+        engine = shard(cfg.train, model, collectives, gen.generation)
+
+        def on_step(st) -> None:
+            membership.update_status(phase="train", step=st.step, loss=st.loss,
+                                     tokens_per_s=st.tokens_per_s)
+            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
+
+        trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
+                          world_size=gen.world_size, on_step=on_step)
+        trainer.run(progress=gen.rank == 0 and os.isatty(2))
+        if cfg.train.eval_every:
+            trainer.evaluate()
+        if cfg.output:
+            write_output(cfg.output, engine, trainer, gen)
+        log.info("rank %d done: loss %.4f -> %.4f", gen.rank, trainer.history[0].loss,
+                 trainer.history[-1].loss)
+        membership.update_status(phase="done")
+        membership.leave()
+        return 0
+    finally:
+        if collectives is not None:
+            collectives.close()
+        membership.close()
+        if transport is not None:
+            transport.close()

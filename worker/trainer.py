@@ -1,0 +1,153 @@
+"""The training loop over a sharded model: micro-batches, clipping, step, eval, logs, telemetry."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from worker.config import TrainConfig
+from worker.optim import build_optimizer, build_scheduler
+from worker.zero3 import Zero3Engine
+
+log = logging.getLogger(__name__)
+
+FP16_LOSS_SCALE = 1024.0  # static scale: a step whose global grad norm is not finite is skipped
+
+
+@dataclass(slots=True, kw_only=True)
+class StepStats:
+    """What one optimizer step did, as logged and sent to the coordinator."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_mem_mb: float
+    skipped: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_micro_batch(data, config: TrainConfig, *, step: int, micro: int, rank: int,
+                     world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's rows of the global micro-batch ``micro`` of ``step``, on ``device``."""
+    batch = data.rank_batch(step=step, micro_batch=micro, grad_accum=config.grad_accum,
+                            micro_batch_rows=config.micro_batch_rows, rank=rank,
+                            world_size=world_size)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated device memory (CUDA) or peak resident set size of the process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class Trainer:
+    """Drives a Zero3Engine through ``config.steps`` optimizer steps on this rank's data."""
+
+    def __init__(self, config: TrainConfig, *, engine: Zero3Engine, data, rank: int,
+                 world_size: int, on_step: Callable[[StepStats], None] | None = None,
+                 on_eval: Callable[[int, float], None] | None = None):
+        config.check_world_size(world_size)
+        self.config = config
+        self.engine = engine
+        self.data = data
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(config.device)
+        self.optimizer = build_optimizer(engine.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
+        self.on_step = on_step
+        self.on_eval = on_eval
+        self.step = 0
+        self.history: list[StepStats] = []
+        self.eval_history: list[tuple[int, float]] = []
+        self.loss_scale = FP16_LOSS_SCALE if config.mixed_precision == "fp16" else 1.0
+
+    def train_step(self) -> StepStats:
+        """One optimizer step: grad_accum micro-batches, global clip, step on owned slices."""
+        cfg, t0 = self.config, time.perf_counter()
+        loss_sum = torch.zeros(1)
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = rank_micro_batch(self.data, cfg, step=self.step, micro=micro, rank=self.rank,
+                                     world_size=self.world_size, device=self.device)
+            out = self.engine.forward(**batch)
+            loss = out.loss.float()
+            self.engine.backward(loss * (self.loss_scale / cfg.grad_accum))
+            loss_sum += loss.detach().cpu() / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        if self.loss_scale != 1.0:
+            for p in self.engine.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.loss_scale)
+        norm, stats = self.engine.clip_grad_norm(cfg.optim.max_grad_norm,
+                                                 extra=torch.cat([loss_sum, torch.tensor([tokens])]))
+        skipped = not torch.isfinite(torch.tensor(norm)).item()
+        lr = self.scheduler.get_last_lr()[0]
+        if skipped:
+            log.warning("step %d: gradient norm %s is not finite; skipping the update", self.step, norm)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.end_step()
+        seconds = time.perf_counter() - t0
+        global_tokens = int(stats[1])
+        st = StepStats(step=self.step, loss=float(stats[0]) / self.world_size, lr=lr,
+                       grad_norm=norm, tokens=global_tokens, seconds=seconds,
+                       tokens_per_s=global_tokens / seconds if seconds > 0 else 0.0,
+                       peak_mem_mb=peak_memory_mb(self.device), skipped=skipped)
+        self.step += 1
+        self.history.append(st)
+        return st
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the held-out rows, averaged over every rank's share."""
+        total = torch.zeros(2)
+        for batch in self.data.eval_batches(rows=self.config.micro_batch_rows, rank=self.rank,
+                                            world_size=self.world_size,
+                                            limit=self.config.eval_batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.engine.forward(**batch)
+            total += torch.tensor([float(out.loss), 1.0])
+        total = self.engine.all_reduce_sum(total)
+        value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        self.eval_history.append((self.step, value))
+        if self.on_eval:
+            self.on_eval(self.step, value)
+        return value
+
+    def run(self, progress: bool = False) -> list[StepStats]:
+        """Train until ``config.steps``; eval every ``eval_every`` steps and at the end."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress,
+                   desc=f"rank {self.rank}", dynamic_ncols=True)
+        while self.step < self.config.steps:
+            st = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{st.loss:.4f}", lr=f"{st.lr:.2e}")
+            if self.step % max(self.config.log_every, 1) == 0:
+                log.info("step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f peak_mem %.0f MB",
+                         st.step, st.loss, st.lr, st.grad_norm, st.tokens_per_s, st.peak_mem_mb)
+            if self.on_step:
+                self.on_step(st)
+            if self.config.eval_every and self.step % self.config.eval_every == 0:
+                log.info("step %d eval loss %.4f", self.step, self.evaluate())
+        bar.close()
+        return self.history
