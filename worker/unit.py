@@ -53,6 +53,7 @@ class ShardedUnit:
         n_train = self.st * world_size
         self.full = torch.empty(n_train + self.sf * world_size, dtype=compute_dtype, device=device)
         self._nbytes = self.full.untyped_storage().nbytes()
+        self.full_bytes = self._nbytes
         for slot, p in zip(layout.slots, self.params):
             base = 0 if slot.trainable else n_train
             p.data = self.full[base + slot.offset : base + slot.offset + slot.numel].view(slot.shape)
@@ -132,8 +133,6 @@ class ShardedUnit:
             self.master.grad.add_(owned)
 
     def state_bytes(self) -> int:
-        """Bytes of model state this rank holds for the unit: master, grad, frozen slice."""
-        n = self.master.numel() * self.master.element_size() + self.frozen.numel() * self.frozen.element_size()
-        if self.master.grad is not None:
-            n += self.master.grad.numel() * 4
-        return n
+        """Bytes of model state this rank holds for the unit: master, its grad, frozen slice."""
+        n = self.master.numel() * 4 + self.frozen.numel() * self.frozen.element_size()
+        return n + (self.master.numel() * 4 if self.master.grad is not None else 0)

@@ -83,6 +83,7 @@ class Zero3Engine:
         self._grads_seen = [0] * len(units)
         self._reduced = [False] * len(units)
         self.collective_counts: dict[Phase, int] = {p: 0 for p in Phase}
+        self.peak_unsharded_bytes = 0  # most bytes of gathered full buffers alive at once
         self._install_hooks()
 
     # --- public API -------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class Zero3Engine:
             if self.config.prefetch and nxt < len(self.units):
                 self._gather(self.units[nxt], Phase.GATHER_FORWARD)
             unit.wait_gathered(self.config.timeout)
+            self._track_peak()
         return hook
 
     def _make_post_forward(self, unit: ShardedUnit):
@@ -226,6 +228,7 @@ class Zero3Engine:
                 if self.config.prefetch and prev >= 1 and not self._reduced[prev]:
                     self._gather(self.units[prev], Phase.GATHER_BACKWARD)
                 unit.wait_gathered(self.config.timeout)
+                self._track_peak()
             return None
         return hook
 
@@ -240,6 +243,10 @@ class Zero3Engine:
         return hook
 
     # --- internals --------------------------------------------------------------------------
+    def _track_peak(self) -> None:
+        live = sum(u.full_bytes for u in self.units if u.state is not UnitState.SHARDED)
+        self.peak_unsharded_bytes = max(self.peak_unsharded_bytes, live)
+
     def _reduce(self, unit: ShardedUnit) -> None:
         """Flatten the unit's grads, free its params (its backward is done), reduce-scatter."""
         flat = unit.take_flat_grad()
