@@ -1,0 +1,246 @@
+"""Where contributions to a collective land on the receiving rank: the gradient accumulator.
+
+[Note: slots]
+A *slot* is one collective on one rank, named by its key string (``str(Key)``). The local call
+opens it with an ``Expectation``: how many contributions (world size), their shape and dtype,
+the generation, and whether they are summed (reduce-scatter, all-reduce) or concatenated
+(all-gather; barrier is a concat of empty tensors). Each sender's contribution is stored once:
+a retry of a stored one is acknowledged and dropped. A sum folds contributions **in rank order**
+in float32 as the prefix 0..k becomes complete, so the result never depends on arrival order;
+a concat writes each sender's bytes straight into its rows of the preallocated output.
+The waiter is woken by an asyncio future once every sender has arrived; the slot is removed
+when its result is taken. A contribution that disagrees with the expectation raises
+``ContributionError`` (the server maps it to INVALID_ARGUMENT) and changes nothing.
+
+Everything here runs on the transport's event loop thread; nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_FINISHED_MEMORY = 4096  # finished keys remembered so a late retry is acknowledged, not stuck
+
+
+class Mode(str, enum.Enum):
+    """How a slot combines its contributions."""
+
+    SUM = "sum"
+    CONCAT = "concat"
+
+
+class ContributionError(ValueError):
+    """A contribution that disagrees with its slot; the slot is left untouched."""
+
+
+class MissingContributions(TimeoutError):
+    """The deadline passed before every sender arrived; ``missing`` lists their ranks."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Expectation:
+    """What a slot accepts: one contribution per rank of this shape and dtype."""
+
+    key: str
+    generation: int
+    world_size: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mode: Mode
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Slot:
+    """One collective's contributions on this rank."""
+
+    def __init__(self, expectation: Expectation, loop: asyncio.AbstractEventLoop):
+        self.expectation = expectation
+        self._arrived: set[int] = set()
+        self._staged: dict[int, torch.Tensor] = {}
+        self._parts: dict[int, torch.Tensor] = {}
+        self._next = 0  # next rank to fold into the running sum
+        self._acc: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        if expectation.mode is Mode.CONCAT:
+            self._out = torch.empty(expectation.world_size * expectation.numel,
+                                    dtype=expectation.dtype)
+        self._done: asyncio.Future = loop.create_future()
+
+    # -- validation ------------------------------------------------------------------------
+
+    def check(self, *, sender: int, generation: int, shape: tuple[int, ...],
+              dtype: torch.dtype) -> None:
+        """Raise ContributionError naming key, sender, expected and actual on any mismatch."""
+        e = self.expectation
+        where = f"key {e.key} sender {sender}"
+        if not 0 <= sender < e.world_size:
+            raise ContributionError(f"{where}: sender outside world of size {e.world_size}")
+        if generation != e.generation:
+            raise ContributionError(f"{where}: generation expected {e.generation}, "
+                                    f"actual {generation}")
+        if dtype != e.dtype:
+            raise ContributionError(f"{where}: dtype expected {e.dtype}, actual {dtype}")
+        if tuple(shape) != e.shape:
+            raise ContributionError(f"{where}: shape expected {list(e.shape)}, "
+                                    f"actual {list(shape)}")
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def has(self, sender: int) -> bool:
+        """Whether sender's contribution is already stored (a retry must be dropped)."""
+        return sender in self._arrived
+
+    def buffer(self, sender: int) -> torch.Tensor:
+        """The preallocated 1-D tensor that sender's decoded data is written into."""
+        if self._out is not None:
+            n = self.expectation.numel
+            return self._out[sender * n:(sender + 1) * n]
+        staged = self._staged.get(sender)
+        if staged is None:
+            staged = torch.empty(self.expectation.numel, dtype=self.expectation.dtype)
+            self._staged[sender] = staged
+        return staged
+
+    def commit(self, sender: int) -> bool:
+        """Count sender's buffer as arrived; False (and no effect) if it already was."""
+        if sender in self._arrived:
+            return False
+        self._arrived.add(sender)
+        if self._out is None:
+            self._parts[sender] = self._staged.pop(sender)
+            self._fold()
+        if len(self._arrived) == self.expectation.world_size and not self._done.done():
+            self._done.set_result(None)
+        return True
+
+    def put(self, sender: int, tensor: torch.Tensor) -> bool:
+        """Store a whole contribution (the local rank's own), validating it first."""
+        self.check(sender=sender, generation=self.expectation.generation,
+                   shape=tuple(tensor.shape), dtype=tensor.dtype)
+        if self.has(sender):
+            return False
+        if self._out is not None:
+            self.buffer(sender).copy_(tensor.reshape(-1))
+        else:
+            # Held by reference: the caller must not modify its input until the future is done.
+            self._staged[sender] = tensor.reshape(-1)
+        return self.commit(sender)
+
+    def _fold(self) -> None:
+        """Add contributions 0, 1, 2, ... to the float32 sum as soon as the prefix is complete."""
+        while self._next in self._parts:
+            part = self._parts.pop(self._next)
+            if self._acc is None:
+                self._acc = part.to(torch.float32, copy=True)
+            else:
+                self._acc.add_(part)
+            self._next += 1
+
+    # -- completing --------------------------------------------------------------------------
+
+    def missing(self) -> list[int]:
+        return [r for r in range(self.expectation.world_size) if r not in self._arrived]
+
+    async def wait(self, timeout: float) -> None:
+        """Wait until every sender arrived; MissingContributions names the rest at timeout."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        except asyncio.TimeoutError:
+            missing = self.missing()
+            raise MissingContributions(
+                f"key {self.expectation.key}: no contribution from rank(s) {missing} within "
+                f"{timeout:.1f}s", missing) from None
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._done.done():
+            self._done.set_exception(exc)
+
+    def result(self) -> torch.Tensor:
+        """The rank-order sum (in the expected dtype) or the concatenation in rank order."""
+        if self.missing():
+            raise RuntimeError(f"key {self.expectation.key}: result before rank(s) "
+                               f"{self.missing()} arrived")
+        if self._out is not None:
+            return self._out
+        assert self._acc is not None
+        acc = self._acc.view(self.expectation.shape)
+        return acc if self.expectation.dtype == torch.float32 else acc.to(self.expectation.dtype)
+
+
+class Accumulator:
+    """All open slots of one rank, keyed by key string; hands out slots to the peer server."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._slots: dict[str, Slot] = {}
+        self._opening: dict[str, asyncio.Future] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+
+    def open(self, expectation: Expectation) -> Slot:
+        """Create the slot for a local call; ValueError if the key is already in flight."""
+        key = expectation.key
+        if key in self._slots:
+            raise ValueError(f"key {key} is already in flight on this rank")
+        self._finished.pop(key, None)
+        slot = Slot(expectation, self._loop)
+        self._slots[key] = slot
+        waiter = self._opening.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(slot)
+        return slot
+
+    def finished(self, key: str) -> bool:
+        """Whether key completed here recently (a late retry for it is a duplicate)."""
+        return key in self._finished
+
+    async def slot(self, key: str, timeout: float) -> Slot | None:
+        """The slot for key, waiting until the local rank opens it; None if it finished."""
+        if key in self._slots:
+            return self._slots[key]
+        if key in self._finished:
+            return None
+        waiter = self._opening.get(key)
+        if waiter is None:
+            waiter = self._opening[key] = self._loop.create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            if self._opening.get(key) is waiter:
+                del self._opening[key]
+            raise
+
+    def close(self, key: str, *, finished: bool) -> None:
+        """Drop the slot (its memory goes with it); remember finished keys for late retries."""
+        self._slots.pop(key, None)
+        if finished:
+            self._finished[key] = None
+            while len(self._finished) > _FINISHED_MEMORY:
+                self._finished.popitem(last=False)
+
+    def drop_generations_below(self, generation: int) -> None:
+        """Fail and forget every slot of an older generation."""
+        for key, slot in list(self._slots.items()):
+            if slot.expectation.generation < generation:
+                slot.fail(ContributionError(f"key {key}: generation {generation} superseded it"))
+                del self._slots[key]
+
+    def __len__(self) -> int:
+        return len(self._slots)
