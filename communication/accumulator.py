@@ -83,6 +83,8 @@ class Slot:
             self._out = torch.empty(expectation.world_size * expectation.numel,
                                     dtype=expectation.dtype)
         self._done: asyncio.Future = loop.create_future()
+        self._loop = loop
+        self._arrivals: dict[int, asyncio.Future] = {}
 
     # -- validation ------------------------------------------------------------------------
 
@@ -124,6 +126,9 @@ class Slot:
         if sender in self._arrived:
             return False
         self._arrived.add(sender)
+        arrival = self._arrivals.get(sender)
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
         if self._out is None:
             self._parts[sender] = self._staged.pop(sender)
             self._fold()
@@ -155,6 +160,15 @@ class Slot:
             self._next += 1
 
     # -- completing --------------------------------------------------------------------------
+
+    async def arrived(self, sender: int) -> None:
+        """Wait until sender's contribution is stored (a ring forwards it on then)."""
+        if sender in self._arrived:
+            return
+        arrival = self._arrivals.get(sender)
+        if arrival is None:
+            arrival = self._arrivals[sender] = self._loop.create_future()
+        await asyncio.shield(arrival)
 
     def missing(self) -> list[int]:
         return [r for r in range(self.expectation.world_size) if r not in self._arrived]

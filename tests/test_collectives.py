@@ -20,7 +20,7 @@ import torch.distributed as dist
 from collective_worker import DTYPES, Case, cases, make_input
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ("torch",)  # grpc joins once GrpcCollectives lands
+BACKENDS = ("grpc", "torch")
 WORLD_SIZES = (1, 2, 3, 4)
 
 

@@ -1,0 +1,215 @@
+"""Collectives over gRPC: every collective is contributions pushed into receivers' slots.
+
+[Note: algorithms]
+- direct: each rank streams to every other rank exactly the part that rank needs (its rows of a
+  reduce-scatter, its own shard for an all-gather, the whole value for an all-reduce); the
+  receiver sums in rank order (accumulator.py). Per rank this sends and receives (W-1)/W of
+  the data, the same bytes as a ring, with all streams running at once.
+- ring (all-gather only, W >= RING_MIN_WORLD and shard >= RING_MIN_BYTES): rank r forwards the
+  shard of origin r-t to rank r+1 at step t, so each rank keeps one outgoing stream instead of
+  W-1. A ring reduce-scatter would sum in ring order, breaking the rank-order contract, so
+  reduce-scatter is always direct.
+Large contributions are cut into ranges sent on parallel streams so encoding, the wire and the
+receiver's copies overlap (pipelining); each stream carries ~1 MiB chunks.
+
+Inputs are held by reference (raw codec is zero-copy): callers must not modify a tensor they
+passed until its future is done. Tensors on CUDA travel through CPU and come back to their device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Future
+
+import torch
+
+from communication.accumulator import Expectation, MissingContributions, Mode
+from communication.codec import DTYPE_NAMES, get_codec
+from communication.collectives import CollectiveError, Key, completed
+from communication.grpc_transport import GrpcTransport
+from communication.peer_client import PeerCallError
+from communication.proto import zerop2p_pb2 as pb
+
+__all__ = ["GrpcCollectives", "GrpcTransport"]
+
+log = logging.getLogger(__name__)
+
+RING_MIN_WORLD = 4
+RING_MIN_BYTES = 1 << 20
+STREAM_MIN_BYTES = 8 << 20  # contributions above this are split over parallel streams
+MAX_STREAMS = 4
+
+
+class GrpcCollectives:
+    """The Collectives protocol for one generation, on a GrpcTransport."""
+
+    def __init__(self, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
+                 generation: int, timeout: float, codec: str = "raw"):
+        self.transport = transport
+        self.rank = rank
+        self.world_size = world_size
+        self.peers = peers
+        self.generation = generation
+        self.timeout = timeout
+        self.codec = get_codec(codec)
+        self._closed = False
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def all_gather(self, key: Key, shard: torch.Tensor) -> Future[torch.Tensor]:
+        """Concatenate every rank's equal-length 1-D shard in rank order."""
+        if self.world_size == 1:
+            return completed(shard.detach().clone())
+        src = self._cpu(shard).reshape(-1)
+        ring = (self.world_size >= RING_MIN_WORLD and src.nbytes >= RING_MIN_BYTES)
+        return self._run("all_gather", key, shard.device,
+                         self._gather(key, src, ring=ring))
+
+    def reduce_scatter(self, key: Key, full: torch.Tensor) -> Future[torch.Tensor]:
+        """Rank r receives the rank-order sum over ranks of full[r*S:(r+1)*S]."""
+        n, w = full.numel(), self.world_size
+        if n % w:
+            raise ValueError(f"reduce_scatter {key}: length {n} is not a multiple of world size "
+                             f"{w}")
+        if w == 1:
+            return completed(full.detach().reshape(-1).clone())
+        src = self._cpu(full).reshape(-1)
+        s = n // w
+        parts = [src[r * s:(r + 1) * s] for r in range(w)]
+        return self._run("reduce_scatter", key, full.device,
+                         self._direct(key, parts, Mode.SUM, (s,), src.dtype))
+
+    def all_reduce(self, key: Key, value: torch.Tensor) -> Future[torch.Tensor]:
+        """Every rank receives the rank-order element-wise sum of all ranks' value."""
+        if self.world_size == 1:
+            return completed(value.detach().clone())
+        src = self._cpu(value)
+        return self._run("all_reduce", key, value.device,
+                         self._direct(key, [src] * self.world_size, Mode.SUM,
+                                      tuple(src.shape), src.dtype))
+
+    def barrier(self, key: Key) -> Future[None]:
+        """Complete once every rank has entered with this key."""
+        if self.world_size == 1:
+            return completed(None)
+        empty = torch.empty(0)
+        return self._run("barrier", key, None,
+                         self._direct(key, [empty] * self.world_size, Mode.CONCAT, (0,),
+                                      torch.float32))
+
+    def close(self) -> None:
+        """Stop issuing; the transport (and its server) stays up for the next generation."""
+        self._closed = True
+
+    # -- machinery -------------------------------------------------------------------------
+
+    @staticmethod
+    def _cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu").contiguous()
+
+    def _run(self, op: str, key: Key, device: torch.device | None, coro) -> Future:
+        if self._closed:
+            coro.close()
+            fut: Future = Future()
+            fut.set_exception(CollectiveError(f"{op} {key}: collectives closed", rank=self.rank))
+            return fut
+
+        async def guarded():
+            name = str(key)
+            try:
+                out = await coro
+            except CollectiveError:
+                raise
+            except MissingContributions as exc:
+                lost = exc.missing[0]
+                raise CollectiveError(
+                    f"{op} {key} on rank {self.rank}: peer rank {lost} at {self.peers[lost]} "
+                    f"sent nothing within {self.timeout:.1f}s (missing ranks {exc.missing})",
+                    rank=lost, address=self.peers[lost]) from None
+            except Exception as exc:  # noqa: BLE001 - name the op and key whatever failed
+                raise CollectiveError(f"{op} {key} on rank {self.rank} failed: {exc}",
+                                      rank=self.rank) from exc
+            finally:
+                self.transport.accumulator.close(name, finished=False)
+                self.transport.servicer.forget(name)
+            return out if device is None or out is None else out.to(device)
+
+        return self.transport.submit(guarded())
+
+    def _open(self, key: Key, mode: Mode, shape: tuple[int, ...], dtype: torch.dtype):
+        exp = Expectation(key=str(key), generation=self.generation, world_size=self.world_size,
+                          shape=shape, dtype=dtype, mode=mode)
+        return self.transport.accumulator.open(exp)
+
+    async def _push(self, key: Key, dest: int, origin: int, t: torch.Tensor,
+                    deadline: float) -> None:
+        """Stream t (origin's contribution) to rank dest, split over parallel ranges if big."""
+        wire = self.codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        client = self.transport.client(self.peers[dest])
+        n = wire.numel()
+        streams = min(MAX_STREAMS, max(1, n // STREAM_MIN_BYTES))
+        step = -(-n // streams) if n else 0
+        ranges = [(a, min(n, a + step)) for a in range(0, n, step)] if n else [(0, 0)]
+
+        def header(a: int, b: int) -> pb.TensorHeader:
+            return pb.TensorHeader(key=str(key), generation=self.generation, sender=self.rank,
+                                   origin=origin, dtype=DTYPE_NAMES[t.dtype],
+                                   shape=list(t.shape), offset=a, total_bytes=b - a,
+                                   codec=self.codec.name)
+        try:
+            await asyncio.gather(*(client.push(header(a, b), wire[a:b], deadline=deadline)
+                                   for a, b in ranges))
+        except PeerCallError as exc:
+            raise CollectiveError(
+                f"{key} on rank {self.rank}: peer rank {dest} at {self.peers[dest]} did not "
+                f"take our contribution: {exc}", rank=dest, address=self.peers[dest]) from None
+
+    async def _finish(self, slot, sends: list) -> torch.Tensor:
+        """Run the sends and the wait together; the first failure cancels the rest."""
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(s) for s in sends]
+        tasks.append(loop.create_task(slot.wait(self.timeout)))
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+        result = slot.result()
+        self.transport.accumulator.close(slot.expectation.key, finished=True)
+        return result
+
+    async def _direct(self, key: Key, parts: list[torch.Tensor], mode: Mode,
+                      shape: tuple[int, ...], dtype: torch.dtype):
+        """Send parts[r] to every rank r != self; keep our own; combine once all arrived."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        slot = self._open(key, mode, shape, dtype)
+        slot.put(self.rank, parts[self.rank].view(shape))
+        sends = [self._push(key, r, self.rank, parts[r].view(shape), deadline)
+                 for r in self._send_order()]
+        out = await self._finish(slot, sends)
+        return None if mode is Mode.CONCAT and shape == (0,) else out
+
+    def _send_order(self) -> list[int]:
+        """Peers starting after our own rank, so no rank is everyone's first target."""
+        w = self.world_size
+        return [(self.rank + i) % w for i in range(1, w)]
+
+    async def _gather(self, key: Key, src: torch.Tensor, *, ring: bool):
+        if not ring:
+            return await self._direct(key, [src] * self.world_size, Mode.CONCAT,
+                                      tuple(src.shape), src.dtype)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype)
+        slot.put(self.rank, src)
+        w, nxt = self.world_size, (self.rank + 1) % self.world_size
+
+        async def forward():
+            for step in range(w - 1):
+                origin = (self.rank - step) % w
+                await slot.arrived(origin)
+                await self._push(key, nxt, origin, slot.buffer(origin), deadline)
+
+        return await self._finish(slot, [forward()])

@@ -1,0 +1,112 @@
+"""A worker's gRPC endpoint: an asyncio loop in a daemon thread running the peer server, the
+accumulator and one client channel per peer address.
+
+It is created before the worker registers (so the coordinator learns its port) and outlives
+generations: ``collectives(...)`` binds it to one generation's ranks and peers, and from then on
+contributions of older generations are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+
+from communication.accumulator import Accumulator
+from communication.auth import TlsConfig
+from communication.peer_client import PeerClient
+from communication.peer_server import PeerServicer, create_server
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+
+
+class GrpcTransport:
+    """Owns the loop thread, the server and the peer channels of one worker process."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
+                 tls: TlsConfig | None = None):
+        self.host = host
+        self.token = token
+        self.tls = tls
+        self.generation = 0
+        self.rank = -1
+        self._clients: dict[str, PeerClient] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="grpc-transport",
+                                        daemon=True)
+        self._thread.start()
+        self.accumulator, self.servicer, self._server, self.port = self.call(
+            self._start(host, port), timeout=START_TIMEOUT)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """host:port peers use to reach this transport."""
+        return f"{self.host}:{self.port}"
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _start(self, host: str, port: int):
+        acc = Accumulator(asyncio.get_running_loop())
+        servicer = PeerServicer(acc, rank=lambda: self.rank, generation=lambda: self.generation)
+        server, bound = await create_server(servicer, host=host, port=port, token=self.token,
+                                            tls=self.tls)
+        return acc, servicer, server, bound
+
+    def submit(self, coro) -> Future:
+        """Run a coroutine on the transport loop; a concurrent future for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro, *, timeout: float):
+        """Run a coroutine on the loop and wait for it (from any other thread)."""
+        return self.submit(coro).result(timeout=timeout)
+
+    def client(self, address: str) -> PeerClient:
+        """The one channel to address (created on first use; loop thread only)."""
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = PeerClient(address, token=self.token, tls=self.tls)
+        return client
+
+    def collectives(self, *, rank: int, world_size: int, peers: list[str], generation: int,
+                    timeout: float = 60.0, codec: str = "raw"):
+        """Bind to one generation; contributions from older generations are refused from now."""
+        from communication.grpc_collectives import GrpcCollectives
+
+        if len(peers) != world_size:
+            raise ValueError(f"{len(peers)} peer addresses for world size {world_size}")
+        if generation < self.generation:
+            raise ValueError(f"generation {generation} is older than the current "
+                             f"{self.generation}")
+
+        async def bind():
+            self.rank, self.generation = rank, generation
+            self.accumulator.drop_generations_below(generation)
+
+        self.call(bind(), timeout=START_TIMEOUT)
+        return GrpcCollectives(self, rank=rank, world_size=world_size, peers=list(peers),
+                               generation=generation, timeout=timeout, codec=codec)
+
+    def close(self) -> None:
+        """Stop the server and channels, then the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop():
+            await self._server.stop(grace=1.0)
+            for client in self._clients.values():
+                await client.close()
+
+        try:
+            self.call(stop(), timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
+            log.warning("transport on port %d did not stop cleanly: %s", self.port, exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10.0)
+        self.loop.close()

@@ -1,0 +1,153 @@
+"""The worker's gRPC server: receives contributions into the accumulator; answers pings.
+
+A Push stream is one header then raw byte chunks. The header is validated against the slot
+the local rank opened for that key before any byte is read (INVALID_ARGUMENT naming the
+mismatch, nothing changed); the bytes are copied straight into the slot's preallocated buffer
+(raw codec) or into a staging buffer that is decoded once complete. A contribution may arrive as
+several byte ranges (offsets) on parallel streams; it counts once all its bytes are in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from communication.accumulator import Accumulator, ContributionError, Slot
+from communication.auth import TlsConfig, TokenInterceptor
+from communication.codec import dtype_from_name, get_codec
+from communication.proto import zerop2p_pb2 as pb
+from communication.proto import zerop2p_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # chunks are ~1 MiB; this only bounds a bad peer
+DEFAULT_WAIT = 60.0
+
+
+class _Incoming:
+    """Receive state of one origin's contribution inside a slot (its byte ranges so far)."""
+
+    __slots__ = ("wire", "ranges", "total")
+
+    def __init__(self, total: int, wire: torch.Tensor):
+        self.total = total
+        self.wire = wire  # uint8 destination of the encoded bytes
+        self.ranges: dict[int, int] = {}
+
+
+class PeerServicer(pb_grpc.PeerServicer):
+    """Push and Ping for one rank; generation and rank are read live from the transport."""
+
+    def __init__(self, accumulator: Accumulator, *, rank: Callable[[], int],
+                 generation: Callable[[], int]):
+        self._acc = accumulator
+        self._rank = rank
+        self._generation = generation
+        self._incoming: dict[tuple[str, int], _Incoming] = {}
+
+    async def Ping(self, request, context):  # noqa: N802 - gRPC method name
+        return pb.PingReply(rank=self._rank(), generation=self._generation())
+
+    async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+        h = first.header
+        current = self._generation()
+        if h.generation < current:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"key {h.key} sender {h.sender}: generation expected "
+                                f"{current}, actual {h.generation} (stale)")
+        wait = context.time_remaining() or DEFAULT_WAIT
+        try:
+            slot = await self._acc.slot(h.key, wait)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"key {h.key}: rank {self._rank()} never opened it")
+        if slot is None or slot.has(h.origin):
+            return pb.PushReply(received_bytes=0, duplicate=True)
+        try:
+            incoming = self._validate(slot, h)
+        except ContributionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
+        pos = 0
+        async for frame in request_iterator:
+            data = frame.data
+            end = pos + len(data)
+            if end > h.total_bytes:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"key {h.key} sender {h.sender}: more than the announced "
+                                    f"{h.total_bytes} bytes")
+            dest[pos:end] = data
+            pos = end
+        if pos != h.total_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"key {h.key} sender {h.sender}: expected {h.total_bytes} "
+                                f"bytes, actual {pos}")
+        if not slot.has(h.origin):
+            incoming.ranges[h.offset] = h.total_bytes
+            if sum(incoming.ranges.values()) == incoming.total:
+                self._complete(slot, h, incoming)
+        return pb.PushReply(received_bytes=pos)
+
+    def _validate(self, slot: Slot, h) -> _Incoming:
+        """Check the header against the slot; the receive state for its origin (created once)."""
+        try:
+            dtype = dtype_from_name(h.dtype)
+            codec = get_codec(h.codec)
+        except ValueError as exc:
+            raise ContributionError(f"key {h.key} sender {h.sender}: {exc}") from None
+        slot.check(sender=h.origin, generation=h.generation, shape=tuple(h.shape), dtype=dtype)
+        total = codec.wire_bytes(slot.expectation.numel, dtype)
+        if h.offset < 0 or h.offset + h.total_bytes > total:
+            raise ContributionError(
+                f"key {h.key} sender {h.sender}: byte range [{h.offset}, "
+                f"{h.offset + h.total_bytes}) outside the expected {total} bytes")
+        ident = (h.key, h.origin)
+        incoming = self._incoming.get(ident)
+        if incoming is None:
+            dst = slot.buffer(h.origin)
+            raw = codec.name == "raw"
+            wire = dst.view(torch.uint8) if raw else torch.empty(total, dtype=torch.uint8)
+            incoming = self._incoming[ident] = _Incoming(total, wire)
+        return incoming
+
+    def _complete(self, slot: Slot, h, incoming: _Incoming) -> None:
+        codec = get_codec(h.codec)
+        dst = slot.buffer(h.origin)
+        if codec.name != "raw":
+            dst.copy_(codec.decode(incoming.wire, slot.expectation.numel, dst.dtype))
+        del self._incoming[(h.key, h.origin)]
+        slot.commit(h.origin)
+
+    def forget(self, key: str) -> None:
+        """Drop partial receive state of a key that finished or failed."""
+        for ident in [i for i in self._incoming if i[0] == key]:
+            del self._incoming[ident]
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Explicit message size limits, shared by server and client."""
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+async def create_server(servicer: PeerServicer, *, host: str = "127.0.0.1", port: int = 0,
+                        token: str | None = None, tls: TlsConfig | None = None
+                        ) -> tuple[grpc.aio.Server, int]:
+    """Start the peer server; returns it and the bound port (port 0 picks a free one)."""
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options())
+    pb_grpc.add_PeerServicer_to_server(servicer, server)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, tls.server_credentials()) if tls
+             else server.add_insecure_port(address))
+    if bound == 0:
+        raise OSError(f"could not bind the peer server to {address}")
+    await server.start()
+    log.info("peer server listening on %s:%d%s", host, bound, " (TLS)" if tls else "")
+    return server, bound
