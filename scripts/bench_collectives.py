@@ -1,0 +1,152 @@
+"""Benchmark all-gather and reduce-scatter: our gRPC collectives against gloo, same machine.
+
+Each backend runs as ``--world-size`` separate processes on loopback. For every size (the full
+tensor: the all-gather output, the reduce-scatter input, float32) it warms up, then takes the
+median of ``--runs`` timed runs, each started after a barrier. Bandwidths follow nccl-tests:
+algbw = size / time, busbw = algbw * (W - 1) / W. Prints a table; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from communication.collectives import Key, Phase  # noqa: E402
+
+WAIT = timedelta(seconds=120)
+OPS = ("all_gather", "reduce_scatter")
+
+
+def worker(args) -> None:
+    """One rank: build the backend, time every (op, size), rank 0 prints JSON rows."""
+    torch.set_num_threads(1)
+    rank, w = args.rank, args.world_size
+    store = dist.TCPStore("127.0.0.1", args.store_port, is_master=False, timeout=WAIT)
+    transport = None
+    if args.backend == "grpc":
+        from communication.grpc_collectives import GrpcTransport
+
+        transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
+        store.set(f"addr/{rank}", transport.address)
+        store.wait([f"addr/{r}" for r in range(w)], WAIT)
+        peers = [store.get(f"addr/{r}").decode() for r in range(w)]
+        coll = transport.collectives(rank=rank, world_size=w, peers=peers, generation=1,
+                                     timeout=120.0, codec=args.codec)
+    else:
+        from communication.torch_collectives import TorchCollectives
+
+        coll = TorchCollectives(rank=rank, world_size=w, store_addr=f"127.0.0.1:{args.gloo_port}",
+                                timeout=120.0)
+    store.set(f"ready/{rank}", "1")
+    store.wait([f"ready/{r}" for r in range(w)], WAIT)
+    counter = iter(range(10**9))
+
+    def key(phase: Phase) -> Key:
+        return Key(generation=1, step=next(counter), unit=0, micro_batch=0, phase=phase)
+
+    rows = []
+    for size_mb in args.sizes_mb:
+        n = int(size_mb * (1 << 20)) // 4 // w * w
+        full = torch.randn(n)
+        shard = full[: n // w].clone()
+        for op in OPS:
+            times = []
+            for i in range(args.warmup + args.runs):
+                coll.barrier(key(Phase.BARRIER)).result(timeout=120)
+                t0 = time.perf_counter()
+                if op == "all_gather":
+                    coll.all_gather(key(Phase.GATHER_FORWARD), shard).result(timeout=120)
+                else:
+                    coll.reduce_scatter(key(Phase.REDUCE_SCATTER), full).result(timeout=120)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            ms = statistics.median(times) * 1e3
+            algbw = n * 4 / (ms / 1e3) / 1e9
+            rows.append({"op": op, "size_mb": size_mb, "world_size": w,
+                         "backend": "grpc" if args.backend == "grpc" else "gloo",
+                         "codec": args.codec if args.backend == "grpc" else "raw",
+                         "ms": round(ms, 3), "algbw_gbps": round(algbw, 3),
+                         "busbw_gbps": round(algbw * (w - 1) / w, 3)})
+    coll.barrier(key(Phase.BARRIER)).result(timeout=120)
+    coll.close()
+    if transport is not None:
+        transport.close()
+    if rank == 0:
+        print("ROWS " + json.dumps(rows), flush=True)
+
+
+def run_backend(backend: str, args) -> list[dict]:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=WAIT)
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gloo_port = s.getsockname()[1]
+    cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--store-port",
+           str(store.port), "--gloo-port", str(gloo_port), "--world-size", str(args.world_size),
+           "--sizes-mb", ",".join(str(s) for s in args.sizes_mb), "--codec", args.codec,
+           "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], stdout=subprocess.PIPE, text=True)
+             for r in range(args.world_size)]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    for r, p in enumerate(procs):
+        if p.returncode != 0:
+            raise SystemExit(f"{backend} rank {r} exited {p.returncode}:\n{outs[r][-3000:]}")
+    line = next(ln for ln in outs[0].splitlines() if ln.startswith("ROWS "))
+    return json.loads(line[5:])
+
+
+def table(rows: list[dict]) -> str:
+    gloo = {(r["op"], r["size_mb"]): r for r in rows if r["backend"] == "gloo"}
+    lines = [f"{'op':<15}{'size MB':>9}{'backend':>9}{'codec':>6}{'ms':>10}{'algbw GB/s':>12}"
+             f"{'busbw GB/s':>12}{'grpc/gloo':>11}"]
+    for r in rows:
+        ref = gloo.get((r["op"], r["size_mb"]))
+        ratio = (f"{r['busbw_gbps'] / ref['busbw_gbps']:.2f}x"
+                 if r["backend"] == "grpc" and ref else "")
+        lines.append(f"{r['op']:<15}{r['size_mb']:>9g}{r['backend']:>9}{r['codec']:>6}"
+                     f"{r['ms']:>10.2f}{r['algbw_gbps']:>12.3f}{r['busbw_gbps']:>12.3f}"
+                     f"{ratio:>11}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--sizes-mb", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[1, 16, 64, 256])
+    ap.add_argument("--codec", default="raw", choices=("raw", "bf16", "int8"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--backends", default="grpc,gloo")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--store-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--gloo-port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    rows = []
+    for backend in args.backends.split(","):
+        rows += run_backend("grpc" if backend == "grpc" else "torch", args)
+    rows.sort(key=lambda r: (r["op"], r["size_mb"], r["backend"] != "grpc"))
+    if not args.json:
+        print(table(rows))
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
