@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from communication.auth import TlsConfig, token_metadata
+from communication.framing import data_frame, header_frame
 from communication.peer_server import channel_options
 from communication.proto import zerop2p_pb2 as pb
 from communication.proto import zerop2p_pb2_grpc as pb_grpc
@@ -49,20 +50,24 @@ class PeerClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options)
         self._stub = pb_grpc.PeerStub(self._channel)
+        # Push frames are pre-serialised by framing.py (bytes in, no protobuf copy).
+        self._push = self._channel.stream_unary(
+            "/zerop2p.Peer/Push", request_serializer=None,
+            response_deserializer=pb.PushReply.FromString)
         self._metadata = token_metadata(token)
 
     def _frames(self, header: pb.TensorHeader, wire: torch.Tensor):
-        """The header, then the bytes in chunks (one copy each: protobuf needs bytes)."""
-        yield pb.TensorFrame(header=header)
+        """The header, then the bytes in chunks (one copy each into the serialised frame)."""
+        yield header_frame(header)
         view = memoryview(wire.numpy())
         for start in range(0, len(view), self.chunk_bytes):
-            yield pb.TensorFrame(data=view[start:start + self.chunk_bytes].tobytes())
+            yield data_frame(view[start:start + self.chunk_bytes])
 
     async def push(self, header: pb.TensorHeader, wire: torch.Tensor, *, deadline: float
                    ) -> pb.PushReply:
         """Stream one contribution (or byte range) to the peer before loop time ``deadline``."""
         return await self._retrying(
-            "Push", lambda timeout: self._stub.Push(self._frames(header, wire), timeout=timeout,
+            "Push", lambda timeout: self._push(self._frames(header, wire), timeout=timeout,
                                                     metadata=self._metadata), deadline,
             f"key {header.key}")
 

@@ -18,6 +18,7 @@ import torch
 from communication.accumulator import Accumulator, ContributionError, Slot
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
+from communication.framing import parse_frame
 from communication.proto import zerop2p_pb2 as pb
 from communication.proto import zerop2p_pb2_grpc as pb_grpc
 
@@ -52,10 +53,9 @@ class PeerServicer(pb_grpc.PeerServicer):
         return pb.PingReply(rank=self._rank(), generation=self._generation())
 
     async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("part") != "header":
+        h = await anext(aiter(request_iterator), None)
+        if not isinstance(h, pb.TensorHeader):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
-        h = first.header
         current = self._generation()
         if h.generation < current:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -75,8 +75,10 @@ class PeerServicer(pb_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
         pos = 0
-        async for frame in request_iterator:
-            data = frame.data
+        async for data in request_iterator:
+            if not isinstance(data, memoryview):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"key {h.key} sender {h.sender}: a second header")
             end = pos + len(data)
             if end > h.total_bytes:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -130,6 +132,18 @@ class PeerServicer(pb_grpc.PeerServicer):
             del self._incoming[ident]
 
 
+def _handlers(servicer: PeerServicer) -> grpc.GenericRpcHandler:
+    """The Peer service with Push frames parsed by framing.py (zero-copy data)."""
+    return grpc.method_handlers_generic_handler("zerop2p.Peer", {
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, request_deserializer=parse_frame,
+            response_serializer=pb.PushReply.SerializeToString),
+        "Ping": grpc.unary_unary_rpc_method_handler(
+            servicer.Ping, request_deserializer=pb.PingRequest.FromString,
+            response_serializer=pb.PingReply.SerializeToString),
+    })
+
+
 def channel_options() -> list[tuple[str, int]]:
     """Explicit message size limits, shared by server and client."""
     return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -142,7 +156,7 @@ async def create_server(servicer: PeerServicer, *, host: str = "127.0.0.1", port
     """Start the peer server; returns it and the bound port (port 0 picks a free one)."""
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=channel_options())
-    pb_grpc.add_PeerServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, tls.server_credentials()) if tls
              else server.add_insecure_port(address))

@@ -27,3 +27,17 @@ def test_generated_modules_import_as_a_package_and_round_trip():
     assert frame.WhichOneof("part") == "header" and frame.header == header
     data = pb.TensorFrame.FromString(pb.TensorFrame(data=b"\x00\xff" * 4).SerializeToString())
     assert data.WhichOneof("part") == "data" and data.data == b"\x00\xff" * 4
+
+
+def test_hand_framed_data_is_a_valid_tensor_frame_both_ways():
+    from communication.framing import data_frame, header_frame, parse_frame
+    from communication.proto import zerop2p_pb2 as pb
+
+    for n in (0, 1, 127, 128, 300_000):
+        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        raw = data_frame(memoryview(payload))
+        assert pb.TensorFrame.FromString(raw).data == payload
+        assert bytes(parse_frame(raw)) == payload
+        assert bytes(parse_frame(pb.TensorFrame(data=payload).SerializeToString())) == payload
+    header = pb.TensorHeader(key="k", sender=1, total_bytes=5)
+    assert parse_frame(header_frame(header)) == header
