@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 RING_MIN_WORLD = 4
 RING_MIN_BYTES = 1 << 20
-STREAM_MIN_BYTES = 8 << 20  # contributions above this are split over parallel streams
+STREAM_MIN_BYTES = 4 << 20
 MAX_STREAMS = 4
 
 
