@@ -22,6 +22,7 @@ import asyncio
 import logging
 from concurrent.futures import Future
 
+import grpc
 import torch
 
 from communication.accumulator import Expectation, MissingContributions, Mode
@@ -39,6 +40,7 @@ RING_MIN_WORLD = 4
 RING_MIN_BYTES = 1 << 20
 STREAM_MIN_BYTES = 4 << 20
 MAX_STREAMS = 4
+LOST_AFTER = 5.0  # a peer refusing connections this long is gone (it was up when we started)
 
 
 class GrpcCollectives:
@@ -54,6 +56,8 @@ class GrpcCollectives:
         self.timeout = timeout
         self.codec = get_codec(codec)
         self._closed = False
+        self._lost: tuple[int, str] | None = None
+        self._lost_event: asyncio.Event | None = None  # created on the loop
 
     # -- the protocol ----------------------------------------------------------------------
 
@@ -158,25 +162,53 @@ class GrpcCollectives:
                                    shape=list(t.shape), offset=a, total_bytes=b - a,
                                    codec=self.codec.name)
         try:
-            await asyncio.gather(*(client.push(header(a, b), wire[a:b], deadline=deadline)
+            await asyncio.gather(*(client.push(header(a, b), wire[a:b], deadline=deadline,
+                                               unavailable_for=LOST_AFTER)
                                    for a, b in ranges))
         except PeerCallError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                self._mark_lost(dest)
             raise CollectiveError(
                 f"{key} on rank {self.rank}: peer rank {dest} at {self.peers[dest]} did not "
                 f"take our contribution: {exc}", rank=dest, address=self.peers[dest]) from None
 
+    def _lost_flag(self) -> asyncio.Event:
+        if self._lost_event is None:
+            self._lost_event = asyncio.Event()
+        return self._lost_event
+
+    def _mark_lost(self, rank: int) -> None:
+        """Remember the first peer found gone and wake every collective in flight."""
+        if self._lost is None:
+            self._lost = (rank, self.peers[rank])
+            log.warning("rank %d: peer rank %d at %s is gone", self.rank, rank, self.peers[rank])
+        self._lost_flag().set()
+
+    async def _raise_when_lost(self, key: Key) -> None:
+        await self._lost_flag().wait()
+        rank, address = self._lost
+        raise CollectiveError(f"{key} on rank {self.rank}: peer rank {rank} at {address} is gone",
+                              rank=rank, address=address)
+
     async def _finish(self, slot, sends: list) -> torch.Tensor:
-        """Run the sends and the wait together; the first failure cancels the rest."""
+        """Run the sends and the wait together; the first failure cancels the rest; a peer
+        found gone by any collective fails this one too."""
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(s) for s in sends]
         tasks.append(loop.create_task(slot.wait(self.timeout)))
+        work = asyncio.gather(*tasks)
+        lost = loop.create_task(self._raise_when_lost(slot.expectation.key))
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            await asyncio.wait([work, lost], return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()  # the first failure of a send or of the wait, if any
+            else:
+                lost.result()
         finally:
-            for task in tasks:
+            for task in (*tasks, lost):
                 task.cancel()
+            if work.done() and not work.cancelled():
+                work.exception()  # consumed: no "exception never retrieved" warning
         result = slot.result()
         self.transport.accumulator.close(slot.expectation.key, finished=True)
         return result

@@ -63,13 +63,14 @@ class PeerClient:
         for start in range(0, len(view), self.chunk_bytes):
             yield data_frame(view[start:start + self.chunk_bytes])
 
-    async def push(self, header: pb.TensorHeader, wire: torch.Tensor, *, deadline: float
-                   ) -> pb.PushReply:
-        """Stream one contribution (or byte range) to the peer before loop time ``deadline``."""
+    async def push(self, header: pb.TensorHeader, wire: torch.Tensor, *, deadline: float,
+                   unavailable_for: float | None = None) -> pb.PushReply:
+        """Stream one contribution (or byte range) to the peer before loop time ``deadline``;
+        give up after ``unavailable_for`` seconds of the peer refusing connections."""
         return await self._retrying(
             "Push", lambda timeout: self._push(self._frames(header, wire), timeout=timeout,
-                                                    metadata=self._metadata), deadline,
-            f"key {header.key}")
+                                               metadata=self._metadata), deadline,
+            f"key {header.key}", unavailable_for)
 
     async def ping(self, generation: int, sender: int, *, timeout: float) -> pb.PingReply:
         """Liveness and generation of the peer."""
@@ -79,9 +80,12 @@ class PeerClient:
             "Ping", lambda t: self._stub.Ping(request, timeout=t, metadata=self._metadata),
             deadline, "ping")
 
-    async def _retrying(self, method: str, call, deadline: float, what: str):
+    async def _retrying(self, method: str, call, deadline: float, what: str,
+                        unavailable_for: float | None = None):
         loop = asyncio.get_running_loop()
         delay, attempt = BACKOFF_START, 0
+        give_up = deadline if unavailable_for is None else min(
+            deadline, loop.time() + unavailable_for)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -93,7 +97,7 @@ class PeerClient:
                 return await call(remaining)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code != grpc.StatusCode.UNAVAILABLE or loop.time() + delay >= deadline:
+                if code != grpc.StatusCode.UNAVAILABLE or loop.time() + delay >= give_up:
                     raise PeerCallError(f"{method} {what} to {self.address} failed: "
                                         f"{code.name}: {exc.details()}", address=self.address,
                                         code=code) from None

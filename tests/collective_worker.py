@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -127,6 +128,7 @@ def run_kill(coll, out: Path, victim: int, address: str | None) -> None:
     big = Case(index=10_000, op="reduce_scatter", numel=8_000_000, dtype="float32")
     warm = Case(index=10_001, op="all_reduce", numel=1, dtype="float32")
     launch_case(coll, warm, 1).result(timeout=60)
+    start = time.monotonic()
     fut = launch_case(coll, big, 1)
     if coll.rank == victim:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -135,6 +137,7 @@ def run_kill(coll, out: Path, victim: int, address: str | None) -> None:
         report = {"error": None}
     except CollectiveError as exc:
         report = {"error": str(exc), "rank": exc.rank, "address": exc.address}
+    report["seconds"] = time.monotonic() - start
     (out / f"rank{coll.rank}.json").write_text(json.dumps(report))
     os._exit(0)  # peers are dead: skip teardown that would talk to them
 

@@ -107,6 +107,7 @@ def test_killed_peer_fails_every_survivor_naming_it(backend, tmp_path):
         report = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert report["error"] is not None, f"survivor {r} finished a collective with a dead peer"
         assert report["rank"] == victim, report
+        assert report["seconds"] <= deadline + 1.0, report
         assert report["address"] and report["address"] in report["error"], report
         assert f"rank {victim}" in report["error"], report
         if victim in published:
