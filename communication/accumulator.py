@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from communication.buffer_pool import BufferPool
+
 log = logging.getLogger(__name__)
 
 _FINISHED_MEMORY = 4096  # finished keys remembered so a late retry is acknowledged, not stuck
@@ -66,30 +68,6 @@ class Expectation:
         for d in self.shape:
             n *= d
         return n
-
-
-class BufferPool:
-    """Reuses receive buffers of freed contributions: a fresh tensor costs a page fault per
-    4 KiB on first write, which on these machines is as slow as the copy itself."""
-
-    def __init__(self, max_bytes: int = 512 << 20):
-        self.max_bytes = max_bytes
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
-        self._bytes = 0
-
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        free = self._free.get((numel, dtype))
-        if free:
-            t = free.pop()
-            self._bytes -= t.nbytes
-            return t
-        return torch.empty(numel, dtype=dtype)
-
-    def give(self, t: torch.Tensor) -> None:
-        if self._bytes + t.nbytes > self.max_bytes:
-            return
-        self._free.setdefault((t.numel(), t.dtype), []).append(t)
-        self._bytes += t.nbytes
 
 
 class Slot:
