@@ -17,7 +17,6 @@ from communication.auth import TlsConfig, token_metadata
 from communication.framing import data_frame, header_frame
 from communication.peer_server import channel_options
 from communication.proto import zerop2p_pb2 as pb
-from communication.proto import zerop2p_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,9 @@ class PeerClient:
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)
         else:
             self._channel = grpc.aio.insecure_channel(address, options)
-        self._stub = pb_grpc.PeerStub(self._channel)
+        self._ping = self._channel.unary_unary(
+            "/zerop2p.Peer/Ping", request_serializer=pb.PingRequest.SerializeToString,
+            response_deserializer=pb.PingReply.FromString)
         # Push frames are pre-serialised by framing.py (bytes in, no protobuf copy).
         self._push = self._channel.stream_unary(
             "/zerop2p.Peer/Push", request_serializer=None,
@@ -77,7 +78,7 @@ class PeerClient:
         deadline = asyncio.get_running_loop().time() + timeout
         request = pb.PingRequest(generation=generation, sender=sender)
         return await self._retrying(
-            "Ping", lambda t: self._stub.Ping(request, timeout=t, metadata=self._metadata),
+            "Ping", lambda t: self._ping(request, timeout=t, metadata=self._metadata),
             deadline, "ping")
 
     async def _retrying(self, method: str, call, deadline: float, what: str,

@@ -20,7 +20,6 @@ from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
 from communication.framing import parse_frame
 from communication.proto import zerop2p_pb2 as pb
-from communication.proto import zerop2p_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,11 @@ class _Incoming:
         self.ranges: dict[int, int] = {}
 
 
-class PeerServicer(pb_grpc.PeerServicer):
-    """Push and Ping for one rank; generation and rank are read live from the transport."""
+class PeerServicer:
+    """Push and Ping for one rank; generation and rank are read live from the transport.
+
+    Registered through a generic handler (``_handlers``) rather than the generated
+    ``zerop2p_pb2_grpc`` module, whose grpcio version guard would refuse older runtimes."""
 
     def __init__(self, accumulator: Accumulator, *, rank: Callable[[], int],
                  generation: Callable[[], int]):

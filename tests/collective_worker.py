@@ -77,11 +77,11 @@ def key_of(case: Case, generation: int) -> Key:
     return Key(generation=generation, step=0, unit=case.index, micro_batch=0, phase=phase)
 
 
-def launch_case(coll, case: Case, generation: int):
+def launch_case(coll, case: Case, generation: int, device: str = "cpu"):
     key = key_of(case, generation)
     if case.op == "barrier":
         return coll.barrier(key)
-    x = make_input(case, coll.rank, coll.world_size)
+    x = make_input(case, coll.rank, coll.world_size).to(device)
     return getattr(coll, case.op)(key, x)
 
 
@@ -113,13 +113,15 @@ def build(backend: str, rank: int, n: int, store, timeout: float, codec: str):
     return coll, None, None
 
 
-def run_cases(coll, out: Path) -> None:
-    futures = {c.name: launch_case(coll, c, 1) for c in cases()}
+def run_cases(coll, out: Path, device: str) -> None:
+    futures = {c.name: launch_case(coll, c, 1, device) for c in cases()}
     results = {}
     for name, fut in futures.items():
         value = fut.result(timeout=60)
         if value is not None:
-            results[name] = value
+            if value.device.type != torch.device(device).type:
+                raise AssertionError(f"{name}: result on {value.device}, input on {device}")
+            results[name] = value.cpu()
     torch.save(results, out / f"rank{coll.rank}.pt")
 
 
@@ -151,6 +153,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--codec", default="raw")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--device", default="cpu", help="where inputs live (cuda: via the wire)")
     ap.add_argument("--kill", type=int, default=None, help="rank that SIGKILLs itself")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -164,7 +167,7 @@ def main() -> None:
     out = Path(args.out)
     try:
         if args.kill is None:
-            run_cases(coll, out)
+            run_cases(coll, out, args.device)
         else:
             run_kill(coll, out, args.kill, address)
     finally:

@@ -91,6 +91,20 @@ def test_every_case_matches_one_process_reference(group_results):
     assert checked == n * (len(cases()) - 1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_inputs_travel_and_come_back_on_their_device(backend, tmp_path):
+    n = 2
+    codes, outputs, _ = launch(backend, n, tmp_path, "--device", "cuda")
+    for r in range(n):
+        assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{outputs[r][-3000:]}"
+    for r in range(n):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for case in cases():
+            if case.op != "barrier":
+                assert torch.equal(got[case.name], reference(case, r, n)), (case.name, r)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_killed_peer_fails_every_survivor_naming_it(backend, tmp_path):
