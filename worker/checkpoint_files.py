@@ -1,0 +1,199 @@
+"""The files of a checkpoint directory: completeness checks, ranged reads, listing, retention.
+
+A ``step_<n>`` directory counts only when its ``manifest.json`` parses and every rank file it
+names exists with the recorded byte size; anything else (a ``.tmp`` directory left by a kill,
+a directory missing its manifest or a file) is torn and never returned or loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"step_(\d+)")
+LEFTOVER = re.compile(r"step_(\d+)\.(tmp|replaced|deleting)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, inconsistent, or does not fit the model it is loaded into."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """JSON to ``<path>.tmp``, fsync, rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if hasattr(value, "value"):  # enums (peft's TaskType)
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete checkpoint; CheckpointError naming what is missing if not."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: no manifest.json; the checkpoint is incomplete (torn)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{mpath}: unreadable manifest: {exc}") from exc
+    files = manifest.get("files") or {}
+    n = manifest.get("world_size")
+    if len(files) != n:
+        raise CheckpointError(f"{mpath}: names {len(files)} rank files, world size is {n}")
+    for name, size in files.items():
+        f = path / name
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            raise CheckpointError(f"{path}: rank file {name} has {actual} bytes, manifest "
+                                  f"expects {size}; the checkpoint is incomplete")
+    return manifest
+
+
+class RankFiles:
+    """Ranged reads of one region from the rank files that hold it (only the bytes needed)."""
+
+    def __init__(self, path: Path, world_size: int):
+        self.dir = path
+        self.world_size = world_size
+        self._stack = ExitStack()
+        self._open: dict[int, object] = {}
+
+    def __enter__(self) -> RankFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def path(self, rank: int) -> str:
+        return str(self.dir / f"rank_{rank}.safetensors")
+
+    def _handle(self, rank: int):
+        if rank not in self._open:
+            self._open[rank] = self._stack.enter_context(safe_open(self.path(rank), "pt"))
+        return self._open[rank]
+
+    def _slice(self, rank: int, name: str, shard: int):
+        fh = self._handle(rank)
+        if name not in fh.keys():
+            raise CheckpointError(f"{self.path(rank)}: no tensor {name!r}")
+        sl = fh.get_slice(name)
+        if list(sl.get_shape()) != [shard]:
+            raise CheckpointError(f"{self.path(rank)}: {name!r} has shape {sl.get_shape()}, "
+                                  f"expected [{shard}] (saved world size {self.world_size})")
+        return sl
+
+    def read(self, name: str, shard: int, start: int, stop: int, numel: int,
+             dtype: torch.dtype) -> torch.Tensor:
+        """Elements ``[start, stop)`` of a region of ``numel`` real elements saved as shards of
+        ``shard``; elements past ``numel`` (padding) are zero."""
+        out = torch.zeros(stop - start, dtype=dtype)
+        pos, end = start, min(stop, numel)
+        while pos < end:
+            rank = pos // shard
+            upto = min(end, (rank + 1) * shard)
+            piece = self._slice(rank, name, shard)[pos - rank * shard : upto - rank * shard]
+            out[pos - start : upto - start].copy_(piece)
+            pos = upto
+        return out
+
+    def scalar(self, name: str) -> torch.Tensor:
+        """A value every rank saved alike (the optimizer's step count): rank 0's copy."""
+        fh = self._handle(0)
+        if name not in fh.keys():
+            raise CheckpointError(f"{self.path(0)}: no tensor {name!r}")
+        return fh.get_tensor(name)
+
+
+# --- listing and retention ----------------------------------------------------------------
+def _complete(root: Path) -> list[tuple[int, Path, dict]]:
+    """(step, dir, manifest) of every complete checkpoint under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.fullmatch(d.name)
+        if not m:
+            continue
+        try:
+            found.append((int(m.group(1)), d, read_manifest(d)))
+        except CheckpointError as exc:
+            log.warning("skipping torn checkpoint: %s", exc)
+    return sorted(found, key=lambda t: t[0])
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None; a torn one is never returned."""
+    found = _complete(Path(root))
+    return found[-1][1] if found else None
+
+
+def list_checkpoints(root: str | Path) -> list[dict]:
+    """Step, world size, last loss, eval loss and bytes on disk of each complete checkpoint."""
+    out = []
+    for step, d, m in _complete(Path(root)):
+        out.append({"path": str(d), "step": step, "world_size": m["world_size"],
+                    "loss": m.get("loss"), "eval_loss": m.get("eval_loss"),
+                    "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file())})
+    return out
+
+
+def prune_checkpoints(root: str | Path, *, keep_last: int, keep_best: bool = True) -> None:
+    """Delete all but the last ``keep_last`` complete checkpoints and the best by eval loss,
+    plus leftovers of interrupted writes older than the newest complete one."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(root)
+    found = _complete(root)
+    keep = {step for step, _, _ in found[-keep_last:]}
+    scored = [(m["eval_loss"], step) for step, _, m in found if m.get("eval_loss") is not None]
+    if keep_best and scored:
+        keep.add(min(scored)[1])
+    for step, d, _ in found:
+        if step not in keep:
+            _remove(d, root / f"step_{step}.deleting")
+    newest = found[-1][0] if found else -1
+    for d in root.iterdir() if root.is_dir() else ():
+        m = LEFTOVER.fullmatch(d.name)
+        if m and int(m.group(1)) <= newest:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove(d: Path, aside: Path) -> None:
+    """Rename first so a half-deleted directory is never mistaken for a checkpoint."""
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(d, aside)
+    shutil.rmtree(aside)
+    log.info("pruned checkpoint %s", d)
