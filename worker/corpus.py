@@ -37,7 +37,7 @@ def stdlib_files(max_bytes: int = STDLIB_MAX_BYTES) -> list[Path]:
         raise FileNotFoundError(f"the standard library sources are not at {root}; name a text "
                                 "source instead of 'stdlib'")
     files, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):  # top-down, pruned, sorted: no site-packages scan
+    for dirpath, dirnames, filenames in os.walk(root):  # pruned: never scans site-packages
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for name in sorted(filenames):
             path = Path(dirpath, name)

