@@ -70,11 +70,8 @@ class HFTokenizer:
         self.pad_token_id = int(hf.pad_token_id if hf.pad_token_id is not None else eos)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf(text, add_special_tokens=False)["input_ids"]
-
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """Batch ``encode``: the fast tokenizers run a batch in native code."""
-        return self.hf(texts, add_special_tokens=False)["input_ids"]
+        # verbose=False: a whole document is longer than model_max_length, and that is fine here
+        return self.hf(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode_example(self, text: str, *, max_length: int) -> list[int]:
         return self.hf(text, truncation=True, max_length=max_length)["input_ids"]
