@@ -204,3 +204,49 @@ def test_retention_keeps_last_k_and_best_and_list_reports_them(run, tmp_path):
     assert last["bytes"] > 4 * sum(u.master.numel() for u in engine.units)  # master + 2 moments
     prune_checkpoints(tmp_path, keep_last=1, keep_best=False)
     assert [c["step"] for c in list_checkpoints(tmp_path)] == [6]
+
+
+def test_sgd_momentum_reshards_from_one_rank_to_two(data, tmp_path):
+    import dataclasses
+
+    from test_checkpoint_multirank import LayoutOnly
+
+    from worker.main import shard
+    from worker.models import build_model
+    from worker.optim import OptimConfig
+    from worker.trainer import Trainer
+
+    cfg = dataclasses.replace(CFG, optim=OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9,
+                                                     schedule="linear"))
+
+    def build(coll):
+        engine = shard(cfg, build_model(cfg.model, vocab_size=257), coll, 0)
+        return engine, Trainer(cfg, engine=engine, data=data, rank=coll.rank,
+                               world_size=coll.world_size)
+
+    engine, trainer = build(TorchCollectives(rank=0, world_size=1, store_addr="127.0.0.1:1"))
+    trainer.train_step()
+    ckpt = save_checkpoint(tmp_path, engine=engine, trainer=trainer, config=cfg, rank=0,
+                           world_size=1)
+    assert read_manifest(ckpt)["optimizer"]["sliced"] == ["momentum_buffer"]
+    for rank in range(2):
+        eng2, tr2 = build(LayoutOnly(rank, 2))
+        load_checkpoint(ckpt, engine=eng2, trainer=tr2, rank=rank, world_size=2)
+        for u, u2 in zip(engine.units, eng2.units):
+            n = u.layout.trainable_numel
+            a, b = rank * u2.st, min((rank + 1) * u2.st, n)
+            got = tr2.optimizer.state[u2.master]["momentum_buffer"]
+            want = trainer.optimizer.state[u.master]["momentum_buffer"][a:b]
+            assert torch.equal(got[: b - a], want)
+            assert torch.equal(got[b - a :], torch.zeros(u2.st - (b - a)))  # padding stays zero
+        assert tr2.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
+
+
+def test_format_checkpoints_prints_one_row_per_checkpoint(run, tmp_path):
+    from worker.checkpoint import format_checkpoints
+
+    engine, trainer = run
+    save(tmp_path, engine, trainer)
+    text = format_checkpoints(list_checkpoints(tmp_path)).splitlines()
+    assert text[0].split()[:5] == ["step", "world", "loss", "eval", "loss"]
+    assert text[1].split()[:3] == ["1", "1", f"{trainer.history[-1].loss:.4f}"]

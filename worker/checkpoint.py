@@ -30,6 +30,7 @@ from communication.collectives import Key, Phase
 from worker.checkpoint_files import (
     CheckpointError,
     RankFiles,
+    format_checkpoints,
     fsync_dir,
     latest_checkpoint,
     list_checkpoints,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "prune_checkpoints", "read_manifest"]
+           "list_checkpoints", "format_checkpoints", "prune_checkpoints", "read_manifest"]
 
 
 def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, world_size: int,
@@ -70,8 +71,14 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
         for stale in tmp.glob("rank_*.safetensors"):  # from an earlier try at another size
             if int(stale.stem.split("_")[1]) >= world_size:
                 stale.unlink()
-        files = {f"rank_{r}.safetensors": (tmp / f"rank_{r}.safetensors").stat().st_size
-                 for r in range(world_size)}
+        files = {}
+        for r in range(world_size):
+            f = tmp / f"rank_{r}.safetensors"
+            if not f.is_file():
+                raise CheckpointError(f"rank 0: {f} is missing although rank {r} passed the "
+                                      "barrier; the checkpoint directory must be shared by all "
+                                      "ranks")
+            files[f.name] = f.stat().st_size
         manifest = _manifest(engine, trainer, config, world_size=world_size, files=files,
                              store_frozen=store_frozen, extra=extra)
         write_json_atomic(tmp / "manifest.json", manifest)

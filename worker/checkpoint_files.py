@@ -170,6 +170,17 @@ def list_checkpoints(root: str | Path) -> list[dict]:
     return out
 
 
+def format_checkpoints(rows: list[dict]) -> str:
+    """``list_checkpoints`` as a text table (what ``zerop2p checkpoints list`` prints)."""
+    lines = [f"{'step':>8} {'world':>5} {'loss':>10} {'eval loss':>10} {'size':>10}  path"]
+    for c in rows:
+        loss = "-" if c["loss"] is None else f"{c['loss']:.4f}"
+        ev = "-" if c["eval_loss"] is None else f"{c['eval_loss']:.4f}"
+        lines.append(f"{c['step']:>8} {c['world_size']:>5} {loss:>10} {ev:>10} "
+                     f"{c['bytes'] / 2**20:>8.2f}MB  {c['path']}")
+    return "\n".join(lines)
+
+
 def prune_checkpoints(root: str | Path, *, keep_last: int, keep_best: bool = True) -> None:
     """Delete all but the last ``keep_last`` complete checkpoints and the best by eval loss,
     plus leftovers of interrupted writes older than the newest complete one."""

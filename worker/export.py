@@ -142,7 +142,8 @@ def _export_adapter(checkpoint: Path, manifest: dict, layouts: list[FlatLayout],
     source = manifest["model"].get("source")
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = source
-    model.save_pretrained(str(out), state_dict=state)
+    # No embedding resize here, and no hub lookup (base names may be presets, not repo ids).
+    model.save_pretrained(str(out), state_dict=state, save_embedding_layers=False)
 
 
 def _copy_tokenizer(source: str | None, out: Path) -> None:
