@@ -1,0 +1,56 @@
+"""Builds the coordinator's FastAPI app: store, rules, barrier, monitor, routes, the door."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from coordinator import errors
+from coordinator.barrier import Barrier
+from coordinator.config import MAX_BODY_BYTES, Settings
+from coordinator.guard import Guard
+from coordinator.metrics import make_registry
+from coordinator.monitor import HeartbeatMonitor
+from coordinator.routes import ops, telemetry, training, workers
+from coordinator.service import Coordinator
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """One coordinator app over the SQLite file (or ``:memory:``) in ``settings.db``."""
+    store = Store(settings.db)
+    coordinator = Coordinator(store, heartbeat_timeout=settings.heartbeat_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Workers alive before a restart get a fresh grace period: the coordinator was away,
+        # not them. The active generation, if any, carries on.
+        revived = store.refresh_alive(time.time())
+        gen = store.current_generation()
+        log.info("coordinator up on %s: %d alive workers, generation %s", settings.db, revived,
+                 gen.generation if gen else "none")
+        monitor = HeartbeatMonitor(coordinator)
+        monitor.start()
+        try:
+            yield
+        finally:
+            await monitor.stop()
+            store.close()
+
+    app = FastAPI(title="zerop2p coordinator", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    app.state.settings = settings
+    app.state.coordinator = coordinator
+    app.state.barrier = Barrier(coordinator)
+    app.state.registry = make_registry(coordinator)
+    for module in (workers, training, telemetry, ops):
+        app.include_router(module.router)
+    errors.install(app)
+    app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY_BYTES)
+    return app

@@ -1,0 +1,80 @@
+"""The training-ready barrier: freezes alive workers into numbered generations; long-polls.
+
+[Note: generations]
+A generation is a frozen membership: a number, and every member's rank and address. At most
+one is active. It ends when a member dies, leaves or re-registers, or when every member still
+alive has asked for a newer one (``after``): all of them saw it fail. Then the next barrier
+call that finds ``min_workers`` alive workers freezes them into generation+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from coordinator.config import MAX_WAIT_S
+from coordinator.models import PeerOut, ReadyResponse
+from coordinator.service import Coordinator
+from coordinator.store import GenerationRow
+
+log = logging.getLogger(__name__)
+
+
+class Barrier:
+    """Answers ``GET /training/ready``; waiters sleep on the coordinator's change event."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self._abandoned: dict[int, set[str]] = {}  # generation -> members that asked for newer
+
+    async def ready(self, min_workers: int, *, wait: float = 0.0, worker_id: str | None = None,
+                    after: int | None = None) -> ReadyResponse:
+        """Evaluate the barrier now and, until it is met or ``wait`` expires, at every change."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(wait, 0.0), MAX_WAIT_S)
+        while True:
+            changed = self.coordinator.changed()
+            answer = self._evaluate(min_workers, worker_id, after)
+            remaining = deadline - loop.time()
+            if answer.ready or remaining <= 0:
+                return answer
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _evaluate(self, min_workers: int, worker_id: str | None,
+                  after: int | None) -> ReadyResponse:
+        coord = self.coordinator
+        gen = coord.store.current_generation()
+        if gen is not None and after is not None and gen.generation <= after:
+            gen = self._abandon(gen, worker_id)
+        if gen is None:
+            self._abandoned.clear()
+            gen = coord.form_generation(min_workers)
+        alive = coord.store.workers("alive")
+        if gen is None or (after is not None and gen.generation <= after):
+            return ReadyResponse(
+                ready=False, active_workers=len(alive), min_workers=min_workers,
+                generation=gen.generation if gen else None,
+                workers=[PeerOut(worker_id=w.worker_id, ip_address=w.ip_address, port=w.port,
+                                 rank=None) for w in alive])
+        members = [PeerOut(worker_id=m.worker_id, ip_address=m.ip_address, port=m.port,
+                           rank=m.rank) for m in gen.members]
+        return ReadyResponse(ready=worker_id is None or gen.has(worker_id),
+                             active_workers=len(alive), min_workers=min_workers,
+                             generation=gen.generation, workers=members)
+
+    def _abandon(self, gen: GenerationRow, worker_id: str | None) -> GenerationRow | None:
+        """Note that a member wants a newer generation; end ``gen`` once every alive member
+        does. Returns the generation still active, if any."""
+        if worker_id is None or not gen.has(worker_id):
+            return gen
+        asked = self._abandoned.setdefault(gen.generation, set())
+        asked.add(worker_id)
+        alive = {w.worker_id for w in self.coordinator.store.workers("alive")}
+        if not all(m.worker_id in asked for m in gen.members if m.worker_id in alive):
+            return gen
+        self._abandoned = {g: s for g, s in self._abandoned.items() if g > gen.generation}
+        self.coordinator.end_generation(gen, "every live member asked for a new generation")
+        return None

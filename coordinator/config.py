@@ -1,0 +1,23 @@
+"""Coordinator settings: one slotted object, filled from arguments or ZEROP2P_* variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_BODY_BYTES = 64 * 1024  # larger request bodies are refused with 413
+MAX_WAIT_S = 60.0  # the longest a /training/ready long-poll may hold a request
+TELEMETRY_ROWS_PER_WORKER = 1000  # the telemetry ring keeps this many recent rows per worker
+
+
+class Settings(BaseSettings):
+    """What one coordinator needs; ``ZEROP2P_TOKEN`` etc. fill fields not given explicitly."""
+
+    model_config = SettingsConfigDict(env_prefix="ZEROP2P_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    db: str = "zerop2p.db"
+    token: str | None = None
+    heartbeat_timeout: float = Field(default=30.0, gt=0)
+    log_level: str = "info"

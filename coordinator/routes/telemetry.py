@@ -1,0 +1,27 @@
+"""Per-step telemetry from workers: append, and read back the recent rows."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from coordinator.deps import CoordinatorDep, WorkerIdQuery
+from coordinator.models import Message, TelemetryRequest, TelemetryRow
+
+router = APIRouter(prefix="/telemetry", tags=["telemetry"])
+
+
+@router.post("")
+async def report(body: TelemetryRequest, coord: CoordinatorDep) -> Message:
+    """Store one row of numeric metrics for a registered worker."""
+    coord.telemetry(body.worker_id, body.metrics())
+    return Message(message="stored")
+
+
+@router.get("")
+async def recent(coord: CoordinatorDep, worker_id: WorkerIdQuery = None,
+           limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[TelemetryRow]:
+    """The newest ``limit`` rows, oldest first, of one worker or of all."""
+    return [TelemetryRow(worker_id=w, ts=ts, metrics=m)
+            for w, ts, m in coord.store.telemetry(worker_id, limit)]

@@ -1,0 +1,46 @@
+"""Worker registry routes: register, heartbeat, leave, list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from coordinator.deps import CoordinatorDep, WorkerIdPath
+from coordinator.models import HeartbeatRequest, Message, RegisterRequest, WorkerOut
+
+router = APIRouter(prefix="/workers", tags=["workers"])
+
+
+@router.post("/register")
+async def register(body: RegisterRequest, coord: CoordinatorDep) -> Message:
+    """Add a worker, or update a restarted one's address and mark it alive."""
+    info = body.model_dump(exclude={"worker_id", "ip_address", "port", "device"},
+                           exclude_none=True)
+    known = coord.register(body.worker_id, ip_address=body.ip_address, port=body.port,
+                           device=body.device, info=info)
+    return Message(message=f"{body.worker_id} {'re-registered' if known else 'registered'}")
+
+
+@router.post("/{worker_id}/heartbeat")
+async def heartbeat(worker_id: WorkerIdPath, coord: CoordinatorDep,
+              body: HeartbeatRequest | None = None) -> Message:
+    """Keep an alive worker alive; 404 if unknown, 409 if dead or left (register again)."""
+    status = body.model_dump(exclude_none=True) if body else {}
+    coord.heartbeat(worker_id, status)
+    return Message(message="ok")
+
+
+@router.delete("/{worker_id}")
+async def leave(worker_id: WorkerIdPath, coord: CoordinatorDep) -> Message:
+    """Graceful leave: the worker is marked left and its generation, if any, ends."""
+    coord.leave(worker_id)
+    return Message(message=f"{worker_id} left")
+
+
+@router.get("")
+async def workers(coord: CoordinatorDep) -> list[WorkerOut]:
+    """Every worker ever registered, with status, last heartbeat and address."""
+    return [WorkerOut(worker_id=w.worker_id, ip_address=w.ip_address, port=w.port,
+                      device=w.device, status=w.status, registered_at=w.registered_at,
+                      last_heartbeat=w.last_heartbeat, phase=w.phase, step=w.step, loss=w.loss,
+                      tokens_per_s=w.tokens_per_s, info=w.info)
+            for w in coord.store.workers()]

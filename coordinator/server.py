@@ -1,0 +1,55 @@
+"""Runs the coordinator under uvicorn on a socket it binds itself (port 0: a free port)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; reusable so a restart can take the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_coordinator(*, host: str = "127.0.0.1", port: int = 8000, db: str = "zerop2p.db",
+                    token: str | None = None, heartbeat_timeout: float = 30.0,
+                    log_level: str = "info") -> None:
+    """Serve until interrupted. Prints ``coordinator listening on URL`` once, on stdout.
+
+    ``token`` defaults to ``$ZEROP2P_TOKEN``; without one every route is open.
+    """
+    if token is None:
+        token = os.environ.get("ZEROP2P_TOKEN") or None
+    settings = Settings(host=host, port=port, db=db, token=token,
+                        heartbeat_timeout=heartbeat_timeout, log_level=log_level)
+    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
+                        format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    sock = bind(host, port)
+    actual = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=2, lifespan="on")
+    print(f"coordinator listening on {url_of(host, actual)}", flush=True)
+    if not token:
+        log.warning("no token set: every route is open to anyone who can reach %s:%d",
+                    host, actual)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,137 @@
+"""Membership rules: registration, heartbeats, leaving, death, and what ends a generation.
+
+Routes and the heartbeat monitor call this; it owns the store and wakes barrier waiters on
+every change. It knows nothing of HTTP: refusals are ``Refusal`` exceptions with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from coordinator.config import TELEMETRY_ROWS_PER_WORKER
+from coordinator.store import GenerationRow, Store, WorkerRow
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):
+    """A request the rules refuse; ``status`` is the HTTP status the route answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Coordinator:
+    """The registry and generation bookkeeping over one ``Store``."""
+
+    def __init__(self, store: Store, *, heartbeat_timeout: float) -> None:
+        self.store = store
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeats_received = 0
+        self._changed = asyncio.Event()
+
+    # -- change notification -------------------------------------------------------------------
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next membership change (take it before checking state)."""
+        return self._changed
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def register(self, worker_id: str, *, ip_address: str, port: int, device: str | None,
+                 info: dict[str, Any]) -> bool:
+        """Add or revive a worker; returns whether it was known. A member re-registering
+        ends its generation: its old process, and the peers' connections to it, are gone."""
+        known = self.store.worker(worker_id) is not None
+        self.store.upsert_worker(worker_id, ip_address=ip_address, port=port, device=device,
+                                 info=info, now=time.time())
+        log.info("%s %s at %s:%d", worker_id, "re-registered" if known else "registered",
+                 ip_address, port)
+        self._end_if_member(worker_id, f"{worker_id} re-registered")
+        self._notify()
+        return known
+
+    def _alive(self, worker_id: str) -> WorkerRow:
+        worker = self.store.worker(worker_id)
+        if worker is None:
+            raise Refusal(404, f"unknown worker {worker_id!r}: register first "
+                               "(POST /workers/register)")
+        if worker.status != "alive":
+            raise Refusal(409, f"worker {worker_id!r} is {worker.status}: register again "
+                               "(POST /workers/register) to rejoin")
+        return worker
+
+    def heartbeat(self, worker_id: str, status: dict[str, Any]) -> None:
+        """Record a heartbeat from an alive worker; a dead or departed one must re-register."""
+        self._alive(worker_id)
+        self.store.heartbeat(worker_id, now=time.time(), status=status)
+        self.heartbeats_received += 1
+
+    def leave(self, worker_id: str) -> None:
+        """A graceful departure; a member leaving ends its generation."""
+        worker = self.store.worker(worker_id)
+        if worker is None:
+            raise Refusal(404, f"unknown worker {worker_id!r}: nothing to leave")
+        self.store.set_status(worker_id, "left")
+        log.info("%s left", worker_id)
+        self._end_if_member(worker_id, f"{worker_id} left")
+        self._notify()
+
+    def expire(self, now: float) -> list[str]:
+        """Mark dead every alive worker silent for longer than the timeout; returns them."""
+        dead = self.store.expired(now - self.heartbeat_timeout)
+        for worker_id in dead:
+            self.store.set_status(worker_id, "dead")
+            log.warning("%s marked dead: no heartbeat for %.1fs", worker_id,
+                        self.heartbeat_timeout)
+            self._end_if_member(worker_id, f"{worker_id} died")
+        if dead:
+            self._notify()
+        return dead
+
+    def telemetry(self, worker_id: str, metrics: dict[str, Any]) -> None:
+        """Append one telemetry row for a known worker."""
+        if self.store.worker(worker_id) is None:
+            raise Refusal(404, f"unknown worker {worker_id!r}: register first "
+                               "(POST /workers/register)")
+        self.store.add_telemetry(worker_id, ts=time.time(), metrics=metrics,
+                                 keep=TELEMETRY_ROWS_PER_WORKER)
+        progress = {k: metrics.get(k) for k in ("step", "loss", "tokens_per_s")}
+        if any(v is not None for v in progress.values()):
+            self.store.progress(worker_id, progress)
+
+    # -- generations ---------------------------------------------------------------------------
+
+    def _end_if_member(self, worker_id: str, reason: str) -> None:
+        gen = self.store.current_generation()
+        if gen is not None and gen.has(worker_id):
+            self.end_generation(gen, reason)
+
+    def end_generation(self, gen: GenerationRow, reason: str) -> None:
+        self.store.end_generation(gen.generation, reason=reason, now=time.time())
+        log.warning("generation %d ended: %s", gen.generation, reason)
+        self._notify()
+
+    def form_generation(self, min_workers: int) -> GenerationRow | None:
+        """The active generation, or a new one of every alive worker if at least
+        ``min_workers`` are alive and none is active; None otherwise."""
+        gen = self.store.current_generation()
+        if gen is not None:
+            return gen
+        alive = self.store.workers("alive")
+        if len(alive) < min_workers:
+            return None
+        gen = self.store.create_generation(alive, now=time.time())
+        log.info("generation %d formed: %s", gen.generation,
+                 ", ".join(f"{m.rank}={m.worker_id}" for m in gen.members))
+        self._notify()
+        return gen
