@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from communication.collectives import Collectives, Key, Phase
+from worker.faults import maybe_die
 from worker.sharding import FlatLayout, build_layout, discover_units
 from worker.unit import ShardedUnit, UnitState
 
@@ -82,6 +83,7 @@ class Zero3Engine:
         self._pending: list[tuple[ShardedUnit, Future]] = []
         self._grads_seen = [0] * len(units)
         self._reduced = [False] * len(units)
+        self._deferred_free: list[ShardedUnit] = []  # reduced units autograd may still read
         self.collective_counts: dict[Phase, int] = {p: 0 for p in Phase}
         self.peak_unsharded_bytes = 0  # most bytes of gathered full buffers alive at once
         self._install_hooks()
@@ -194,12 +196,14 @@ class Zero3Engine:
                    micro_batch=self._forward_index, phase=phase)
 
     def _gather(self, unit: ShardedUnit, phase: Phase) -> None:
+        maybe_die("gather", step=self.step_index, rank=self.coll.rank)
         if unit.state is UnitState.SHARDED:
             self.collective_counts[phase] += 1
             unit.begin_gather(self.coll, self._key(phase, unit.layout.unit))
 
     def _make_pre_forward(self, unit: ShardedUnit):
         def hook(module, args):
+            maybe_die("forward", step=self.step_index, rank=self.coll.rank)
             self._gather(unit, Phase.GATHER_FORWARD)
             nxt = unit.layout.unit + 1
             if self.config.prefetch and nxt < len(self.units):
@@ -222,6 +226,8 @@ class Zero3Engine:
 
     def _make_pre_backward(self, unit: ShardedUnit):
         def hook(grad):
+            maybe_die("backward", step=self.step_index, rank=self.coll.rank)
+            self._free_deferred(after=unit.layout.unit)
             if unit.state is not UnitState.UNSHARDED and not self._reduced[unit.layout.unit]:
                 self._gather(unit, Phase.GATHER_BACKWARD)
                 prev = unit.layout.unit - 1
@@ -248,11 +254,20 @@ class Zero3Engine:
         self.peak_unsharded_bytes = max(self.peak_unsharded_bytes, live)
 
     def _reduce(self, unit: ShardedUnit) -> None:
-        """Flatten the unit's grads, free its params (its backward is done), reduce-scatter."""
+        """Flatten the unit's grads, free its params, reduce-scatter.
+
+        Once every trainable grad has arrived, autograd no longer reads trainable weights; it may
+        still read frozen ones (a LoRA base layer's input grad), so a unit holding any is freed
+        later: when the previous unit's output grad is ready, which needs this unit's backward.
+        """
+        maybe_die("reduce_scatter", step=self.step_index, rank=self.coll.rank)
         flat = unit.take_flat_grad()
         self._reduced[unit.layout.unit] = True
         if unit.state is UnitState.UNSHARDED:
-            unit.free()
+            if unit.layout.frozen_numel:
+                self._deferred_free.append(unit)
+            else:
+                unit.free()
         self.collective_counts[Phase.REDUCE_SCATTER] += 1
         fut = self.coll.reduce_scatter(self._key(Phase.REDUCE_SCATTER, unit.layout.unit), flat)
         self._pending.append((unit, fut))
@@ -264,7 +279,18 @@ class Zero3Engine:
         for unit, fut in pending:
             unit.add_owned_grad(fut.result(timeout=self.config.timeout), scale)
 
+    def _free_deferred(self, *, after: int) -> None:
+        """Free reduced units later than unit ``after``: their backward has finished."""
+        keep = []
+        for unit in self._deferred_free:
+            if unit.layout.unit > after and unit.state is UnitState.UNSHARDED:
+                unit.free()
+            elif unit.state is UnitState.UNSHARDED:
+                keep.append(unit)
+        self._deferred_free = keep
+
     def _free_all(self) -> None:
+        self._deferred_free = []
         for unit in self.units:
             if unit.state is UnitState.GATHERING:
                 unit.wait_gathered(self.config.timeout)  # a prefetch nobody used: finish, then free
