@@ -44,6 +44,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     keep_last: int = 2
+    resume: bool = True  # load the latest complete checkpoint in checkpoint_dir, if any
 
     def __post_init__(self) -> None:
         if self.steps < 1:

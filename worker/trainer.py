@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from worker.config import TrainConfig
+from worker.faults import maybe_die
 from worker.optim import build_optimizer, build_scheduler
 from worker.zero3 import Zero3Engine
 
@@ -101,6 +102,7 @@ class Trainer:
         if skipped:
             log.warning("step %d: gradient norm %s is not finite; skipping the update", self.step, norm)
         else:
+            maybe_die("optimizer", step=self.step, rank=self.rank)
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,7 +149,43 @@ class Trainer:
                          st.step, st.loss, st.lr, st.grad_norm, st.tokens_per_s, st.peak_mem_mb)
             if self.on_step:
                 self.on_step(st)
-            if self.config.eval_every and self.step % self.config.eval_every == 0:
+            last = self.step == self.config.steps
+            if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
                 log.info("step %d eval loss %.4f", self.step, self.evaluate())
+            if self._checkpoint_due():
+                self.save_checkpoint()
         bar.close()
         return self.history
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.config
+        if not cfg.checkpoint_dir:
+            return False
+        every = cfg.checkpoint_every
+        return self.step == cfg.steps or (every > 0 and self.step % every == 0)
+
+    def save_checkpoint(self):
+        """Every rank writes its slices; rank 0 publishes the step and prunes old ones."""
+        from worker.checkpoint import prune_checkpoints, save_checkpoint
+
+        cfg = self.config
+        path = save_checkpoint(cfg.checkpoint_dir, engine=self.engine, trainer=self, config=cfg,
+                               rank=self.rank, world_size=self.world_size,
+                               collectives=self.engine.coll)
+        if self.rank == 0:
+            prune_checkpoints(cfg.checkpoint_dir, keep_last=cfg.keep_last)
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint in ``checkpoint_dir`` (any world size), if any."""
+        from worker.checkpoint import latest_checkpoint, load_checkpoint
+
+        cfg = self.config
+        if not (cfg.checkpoint_dir and cfg.resume):
+            return False
+        path = latest_checkpoint(cfg.checkpoint_dir)
+        if path is None:
+            return False
+        load_checkpoint(path, engine=self.engine, trainer=self, rank=self.rank,
+                        world_size=self.world_size)
+        return True
