@@ -1,0 +1,51 @@
+"""The training scenarios every parity test runs sharded and in one process; small and fast."""
+
+from __future__ import annotations
+
+from worker.config import TrainConfig
+from worker.data import DataConfig
+from worker.models import LoraSettings, ModelConfig, minilm_path
+from worker.optim import OptimConfig
+
+STEPS = 3
+ROWS = 6  # divisible by world sizes 1, 2 and 3
+# Adam turns tiny gradient differences (float32 summation order) into update differences of up
+# to a few percent of lr on near-zero gradients, so lr bounds the weight difference we can ask for.
+LR = 1e-3
+DATA = DataConfig(source="stdlib", seq_len=32, max_tokens=200_000)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model=ModelConfig(name="tiny-gpt2"), data=DATA, steps=STEPS, micro_batch_rows=ROWS,
+                optim=OptimConfig(lr=LR, schedule="constant", max_grad_norm=None))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+SCENARIOS: dict[str, TrainConfig] = {
+    "gpt2": _cfg(),
+    "llama": _cfg(model=ModelConfig(name="tiny-llama")),
+    "accum": _cfg(grad_accum=2),
+    "clip": _cfg(optim=OptimConfig(lr=LR, schedule="constant", max_grad_norm=0.05)),
+    "cosine": _cfg(steps=4, optim=OptimConfig(lr=LR, schedule="cosine", warmup_steps=2,
+                                              max_grad_norm=1.0)),
+    "sgd": _cfg(optim=OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, schedule="linear",
+                                  max_grad_norm=None)),
+    "lora": _cfg(lora=LoraSettings(rank=4, alpha=8.0)),
+    "bf16": _cfg(mixed_precision="bf16"),
+    # hidden 35: every unit's size is odd and not a multiple of 3, so slices are padded
+    "uneven": _cfg(model=ModelConfig(name="tiny-gpt2", hidden_size=35, num_heads=5)),
+    "again": _cfg(),  # "gpt2" once more: the same seed must give bit-identical weights
+}
+MINILM = minilm_path()
+if MINILM is not None:  # a real pretrained model from a local directory, fine-tuned with LoRA
+    # eps 1e-6: the zero-initialised lora_B starts with near-zero gradients, where Adam's
+    # g / (|g| + eps) turns float32 summation-order noise into visible update differences.
+    SCENARIOS["minilm_lora"] = _cfg(
+        model=ModelConfig(name=MINILM, task="sequence-classification", num_labels=2),
+        data=DataConfig(source="stdlib", seq_len=24, max_examples=120), steps=4,
+        micro_batch_rows=12, lora=LoraSettings(rank=4, alpha=8.0),
+        optim=OptimConfig(lr=1e-2, eps=1e-6, schedule="constant", max_grad_norm=1.0))
+
+# Max abs difference allowed against the single-process float32 run.
+TOLERANCE = {name: 1e-5 for name in SCENARIOS} | {"bf16": 5e-2}
