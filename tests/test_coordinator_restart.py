@@ -1,0 +1,92 @@
+"""A real ``python -m coordinator`` process: the URL line, SIGKILL and restart on the same db."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from coordinator_helpers import CoordinatorProcess, client, register, statuses
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ready(http, n, **params):
+    r = http.get("/training/ready", params={"min_workers": n, **params})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_kill9_and_restart_keeps_workers_and_generation(tmp_path):
+    db = str(tmp_path / "state.db")
+    timeout = 1.5
+    first = CoordinatorProcess(db=db, heartbeat_timeout=timeout, log=tmp_path / "c.log").start()
+    try:
+        with client(first.url) as http:
+            for i in range(3):
+                register(http, f"w{i}", port=51000 + i, device="cpu")
+            gen = ready(http, 3, worker_id="w0")
+            assert gen["generation"] == 1
+            http.post("/telemetry", json={"worker_id": "w1", "step": 3, "loss": 0.5})
+            registered = time.monotonic()
+    finally:
+        first.kill()
+    assert first.proc.returncode == -9
+    # Let every heartbeat grow older than the timeout while the coordinator is down: a
+    # restart must give alive workers a fresh grace period, not declare them all dead.
+    time.sleep(max(0.0, timeout + 0.2 - (time.monotonic() - registered)))
+    second = CoordinatorProcess(db=db, port=first.port, heartbeat_timeout=timeout,
+                                log=tmp_path / "c.log").start()
+    try:
+        assert second.url == first.url
+        with client(second.url) as http:
+            assert statuses(http) == {"w0": "alive", "w1": "alive", "w2": "alive"}
+            assert [w["port"] for w in http.get("/workers").json()] == [51000, 51001, 51002]
+            assert ready(http, 3, worker_id="w2")["workers"] == gen["workers"]
+            assert ready(http, 3)["generation"] == 1
+            rows = http.get("/telemetry", params={"worker_id": "w1"}).json()
+            assert [r["metrics"] for r in rows] == [{"step": 3, "loss": 0.5}]
+            # Without heartbeats they do die, one timeout after the restart; generation 1 ends.
+            time.sleep(timeout + 0.5)
+            assert statuses(http) == {"w0": "dead", "w1": "dead", "w2": "dead"}
+            assert http.get("/training/generation").json()["generation"] is None
+            register(http, "w1", port=51011)
+            assert ready(http, 1)["generation"] == 2
+    finally:
+        second.kill()
+    # Numbers keep rising across restarts.
+    third = CoordinatorProcess(db=db, heartbeat_timeout=timeout, log=tmp_path / "c.log").start()
+    try:
+        with client(third.url) as http:
+            assert ready(http, 1)["generation"] == 2
+            assert http.delete("/workers/w1").status_code == 200
+            register(http, "w0")
+            assert ready(http, 1)["generation"] == 3
+    finally:
+        third.stop()
+
+
+def test_stdout_is_one_line_and_token_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROP2P_TOKEN", "from-env")
+    import os
+    import subprocess
+    import sys
+
+    from coordinator_helpers import ROOT, URL_LINE
+
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--port", "0", "--db",
+                             ":memory:"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        match = URL_LINE.match(line.rstrip("\n"))
+        assert match, line
+        with client(match.group(1), token=None) as anon:
+            assert anon.get("/workers").status_code == 401
+        with client(match.group(1), token="from-env") as http:
+            register(http, "w0")
+            assert ready(http, 1)["generation"] == 1
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=10)
+    assert rest == ""  # nothing but the URL line ever went to stdout
