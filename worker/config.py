@@ -9,7 +9,6 @@ from pathlib import Path
 
 from worker.data import DataConfig
 from worker.models import LoraSettings, ModelConfig
-
 from worker.optim import OptimConfig
 
 if sys.version_info >= (3, 11):

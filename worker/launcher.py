@@ -86,26 +86,43 @@ def worker_argv(url: str, *, worker_id: str, min_workers: int, token: str | None
     return argv + extra
 
 
-def wait_all(children: list[Child], *, timeout: float) -> None:
-    """Wait until every child exits 0; on the first failure or at the deadline kill the rest."""
+def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0,
+              respawn=None) -> None:
+    """Wait until every child exits 0. A child that fails is started again by ``respawn(child)``
+    (same name and arguments) up to ``max_restarts`` times in all; past that, or at the
+    deadline, every child is killed and the failing one named."""
     exits: queue.Queue[Child] = queue.Queue()
+
+    def watch(c: Child) -> None:
+        threading.Thread(target=lambda: (c.proc.wait(), exits.put(c)), daemon=True).start()
+
     for child in children:
-        threading.Thread(target=lambda c=child: (c.proc.wait(), exits.put(c)), daemon=True).start()
+        watch(child)
     deadline = time.monotonic() + timeout
     pending = {c.name for c in children}
+    restarts = 0
     while pending:
         try:
             child = exits.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
             kill_all(children)
             raise TimeoutError(f"{sorted(pending)} still running after {timeout}s") from None
-        pending.discard(child.name)
-        if child.proc.returncode != 0:
-            kill_all(children)
-            if child.thread:
-                child.thread.join(timeout=5)
-            tail = "\n".join(child.lines[-30:])
-            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n{tail}")
+        if child.proc.returncode == 0:
+            pending.discard(child.name)
+            continue
+        if respawn is not None and restarts < max_restarts:
+            restarts += 1
+            log.warning("%s exited with code %d; restarting it (%d of %d)", child.name,
+                        child.proc.returncode, restarts, max_restarts)
+            fresh = respawn(child)
+            children[children.index(child)] = fresh
+            watch(fresh)
+            continue
+        kill_all(children)
+        if child.thread:
+            child.thread.join(timeout=5)
+        tail = "\n".join(child.lines[-30:])
+        raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n{tail}")
     for child in children:
         if child.thread:
             child.thread.join(timeout=5)
@@ -124,18 +141,27 @@ def kill_all(children: list[Child]) -> None:
 
 
 def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = "local-token",
-                      timeout: float = 1800.0, echo: bool = True,
+                      timeout: float = 1800.0, echo: bool = True, max_restarts: int = 0,
                       worker_env: dict | None = None) -> list[Child]:
-    """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed."""
+    """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed.
+
+    A crashed worker is restarted under its own id (up to ``max_restarts`` times): it registers
+    again, which ends the generation, and the workers resume together from the last checkpoint.
+    """
     coordinator, url = start_coordinator(token=token, echo=echo)
     workers: list[Child] = []
+    argvs: dict[str, list[str]] = {}
+
+    def respawn(old: Child) -> Child:
+        return spawn(old.name, argvs[old.name], env=worker_env, echo=echo)[0]
+
     try:
         for i in range(world_size):
-            argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size, token=token,
-                               extra=worker_args)
-            child, _ = spawn(f"w{i}", argv, env=worker_env, echo=echo)
-            workers.append(child)
-        wait_all(workers, timeout=timeout)
+            name = f"w{i}"
+            argvs[name] = worker_argv(url, worker_id=name, min_workers=world_size, token=token,
+                                      extra=worker_args)
+            workers.append(spawn(name, argvs[name], env=worker_env, echo=echo)[0])
+        supervise(workers, timeout=timeout, max_restarts=max_restarts, respawn=respawn)
         return workers
     finally:
         kill_all(workers + [coordinator])

@@ -35,6 +35,7 @@ class WorkerConfig:
     join_timeout: float = 120.0
     heartbeat_interval: float = 2.0
     output: str | None = None  # rank 0 writes final weights and a result JSON here
+    max_recoveries: int = 3  # generations this worker may rejoin after losing a peer
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -53,20 +54,23 @@ def build_collectives(cfg: WorkerConfig, generation, transport) -> Collectives:
                             device=torch.device(cfg.train.device))
 
 
-def build_data_and_model(train: TrainConfig):
-    """Tokenizer, dataset and (LoRA-wrapped) model, identical on every rank for one seed."""
+def build_data_and_model(train: TrainConfig, *, data=None, model: bool = True):
+    """Dataset (unless given) and (LoRA-wrapped) model, identical on every rank for one seed."""
     from worker.data import PackedText, load_tokenizer
     from worker.models import apply_lora, build_model
 
     local_dir = train.model.name if Path(train.model.name).is_dir() else None
-    tokenizer = load_tokenizer(local_dir)
-    if train.model.task == "sequence-classification":
-        from worker.data import ClassificationData
+    if data is None:
+        tokenizer = load_tokenizer(local_dir)
+        if train.model.task == "sequence-classification":
+            from worker.data import ClassificationData
 
-        data = ClassificationData(train.data, tokenizer)
-    else:
-        data = PackedText(train.data, tokenizer)
-    model = build_model(train.model, vocab_size=tokenizer.vocab_size)
+            data = ClassificationData(train.data, tokenizer)
+        else:
+            data = PackedText(train.data, tokenizer)
+    if not model:
+        return data, None
+    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size)
     if train.lora is not None:
         model = apply_lora(model, train.lora)
     return data, model
@@ -118,11 +122,42 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def run_worker(cfg: WorkerConfig) -> int:
-    """Join, train, report, leave. Returns the process exit code."""
-    from worker.membership import Membership
-
+def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int:
+    """Train in one generation: fresh collectives, model and shards, resume from the newest
+    checkpoint (resharded to this world size), run to the end. Raises CollectiveError when a
+    peer is lost; the caller rejoins."""
     from worker.trainer import Trainer
+
+    cfg.train.check_world_size(gen.world_size)
+    collectives = build_collectives(cfg, gen, transport)
+    try:
+        _, model = build_data_and_model(cfg.train, data=data)
+        engine = shard(cfg.train, model, collectives, gen.generation)
+
+        def on_step(st) -> None:
+            membership.update_status(phase="train", step=st.step, loss=st.loss,
+                                     tokens_per_s=st.tokens_per_s)
+            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
+
+        trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
+                          world_size=gen.world_size, on_step=on_step)
+        if trainer.resume():
+            log.info("rank %d resumed at step %d", gen.rank, trainer.step)
+        trainer.run(progress=gen.rank == 0 and os.isatty(2))
+        if cfg.output:
+            write_output(cfg.output, engine, trainer, gen)
+        if trainer.history:
+            log.info("rank %d done: loss %.4f -> %.4f", gen.rank, trainer.history[0].loss,
+                     trainer.history[-1].loss)
+        return 0
+    finally:
+        collectives.close()
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code."""
+    from communication.collectives import CollectiveError
+    from worker.membership import Membership
 
     transport = None
     if cfg.train.backend == "grpc":
@@ -136,36 +171,25 @@ def run_worker(cfg: WorkerConfig) -> int:
                             ip_address=cfg.host, port=port, device=cfg.train.device,
                             heartbeat_interval=cfg.heartbeat_interval,
                             cpu_cores=os.cpu_count() or 1)
-    collectives = None
     try:
+        data, _ = build_data_and_model(cfg.train, model=False)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
-        log.info("%s joined generation %d as rank %d of %d", cfg.worker_id, gen.generation,
-                 gen.rank, gen.world_size)
-        cfg.train.check_world_size(gen.world_size)
-        data, model = build_data_and_model(cfg.train)
-        collectives = build_collectives(cfg, gen, transport)
-        engine = shard(cfg.train, model, collectives, gen.generation)
-
-        def on_step(st) -> None:
-            membership.update_status(phase="train", step=st.step, loss=st.loss,
-                                     tokens_per_s=st.tokens_per_s)
-            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
-
-        trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
-                          world_size=gen.world_size, on_step=on_step)
-        trainer.run(progress=gen.rank == 0 and os.isatty(2))
-        if cfg.train.eval_every:
-            trainer.evaluate()
-        if cfg.output:
-            write_output(cfg.output, engine, trainer, gen)
-        log.info("rank %d done: loss %.4f -> %.4f", gen.rank, trainer.history[0].loss,
-                 trainer.history[-1].loss)
+        for attempt in range(cfg.max_recoveries + 1):
+            log.info("%s in generation %d as rank %d of %d", cfg.worker_id, gen.generation,
+                     gen.rank, gen.world_size)
+            try:
+                code = train_generation(cfg, gen, transport, membership, data)
+                break
+            except (CollectiveError, TimeoutError) as err:
+                if attempt == cfg.max_recoveries:
+                    raise
+                log.error("generation %d lost a peer: %s; rejoining", gen.generation, err)
+                membership.update_status(phase="recovering")
+                gen = membership.rejoin(1, timeout=cfg.join_timeout)
         membership.update_status(phase="done")
         membership.leave()
-        return 0
+        return code
     finally:
-        if collectives is not None:
-            collectives.close()
         membership.close()
         if transport is not None:
             transport.close()

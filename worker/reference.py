@@ -40,7 +40,7 @@ def train_reference(config: TrainConfig, model: nn.Module, data) -> ReferenceRes
                                      device=device)
             loss = model(**batch).loss.float()
             (loss / config.grad_accum).backward()
-            total += float(loss) / config.grad_accum
+            total += float(loss.detach()) / config.grad_accum
         max_norm = config.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         optimizer.step()

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -123,7 +122,7 @@ def discover_units(model: nn.Module, block_names: list[str]) -> list[UnitSpec]:
                 break
         per_unit[unit].append((name, p))
         owner[id(p)] = name
-    for i, block in enumerate(block_names, start=1):
+    for block in block_names:
         for name, p in modules[block].named_parameters(prefix=block):
             first = owner.get(id(p))
             if first is not None and not first.startswith(block + "."):
@@ -137,18 +136,6 @@ def discover_units(model: nn.Module, block_names: list[str]) -> list[UnitSpec]:
             UnitSpec(unit=i, module_name=block, module=modules[block], params=tuple(per_unit[i]))
         )
     return specs
-
-
-def match_blocks(model: nn.Module, pattern: str) -> list[str]:
-    """Module names fully matching ``pattern`` (a regex), outermost only, in model order."""
-    rx = re.compile(pattern)
-    names: list[str] = []
-    for name, _ in model.named_modules():
-        if rx.fullmatch(name) and not any(name.startswith(n + ".") for n in names):
-            names.append(name)
-    if not names:
-        raise ValueError(f"no module name matches the unit pattern {pattern!r}")
-    return names
 
 
 def check_layouts(expected: list[FlatLayout], actual: list[FlatLayout]) -> None:

@@ -145,7 +145,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{st.loss:.4f}", lr=f"{st.lr:.2e}")
             if self.step % max(self.config.log_every, 1) == 0:
-                log.info("step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f peak_mem %.0f MB",
+                log.log(logging.INFO if self.rank == 0 else logging.DEBUG,
+                        "step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f peak_mem %.0f MB",
                          st.step, st.loss, st.lr, st.grad_norm, st.tokens_per_s, st.peak_mem_mb)
             if self.on_step:
                 self.on_step(st)

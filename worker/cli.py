@@ -1,0 +1,128 @@
+"""The ``zerop2p`` command: coordinator, worker, local cluster, checkpoints and export."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from worker.options import build_train_config, help_text
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Peer-to-peer ZeRO-3 training over gRPC with a FastAPI coordinator.")
+checkpoints_app = typer.Typer(no_args_is_help=True, help="Inspect sharded checkpoints.")
+app.add_typer(checkpoints_app, name="checkpoints")
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def coordinator(
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8000, help="port to bind; 0 picks a free one and prints it"),
+    db: str = typer.Option("zerop2p.db", help="SQLite file (or :memory:) holding the state"),
+    token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token (bearer auth)"),
+    heartbeat_timeout: float = typer.Option(30.0, help="seconds without a heartbeat: dead"),
+    log_level: str = typer.Option("info", help="debug, info, warning"),
+) -> None:
+    """Run the coordinator: registration, heartbeats, the training barrier, telemetry."""
+    from coordinator.server import run_coordinator
+
+    _logging(log_level)
+    run_coordinator(host=host, port=port, db=db, token=token,
+                    heartbeat_timeout=heartbeat_timeout, log_level=log_level)
+
+
+@app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
+def worker(
+    ctx: typer.Context,
+    coordinator: str = typer.Option(..., envvar="ZEROP2P_COORDINATOR",
+                                    help="coordinator URL, e.g. http://10.0.0.1:8000"),
+    token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token"),
+    worker_id: str = typer.Option(None, help="stable id (default: random)"),
+    host: str = typer.Option("127.0.0.1", help="address peers use to reach this worker"),
+    bind_host: str = typer.Option(None, help="address to bind the peer server (default: --host)"),
+    port: int = typer.Option(0, help="peer port (0: a free one)"),
+    min_workers: int = typer.Option(2, help="workers the barrier waits for"),
+    join_timeout: float = typer.Option(300.0, help="seconds to wait at the barrier"),
+    output: str = typer.Option(None, help="rank 0 writes final weights and result.json here"),
+    max_recoveries: int = typer.Option(3, help="times to rejoin and resume after a lost peer"),
+    log_level: str = typer.Option("info", help="debug, info, warning"),
+) -> None:
+    """Join a coordinator and train with the other workers (training options below)."""
+    from worker.main import WorkerConfig, run_worker
+
+    _logging(log_level)
+    try:
+        train = build_train_config(list(ctx.args))
+    except (ValueError, TypeError, OSError) as err:
+        _fail(str(err))
+    cfg = WorkerConfig(coordinator=coordinator, token=token, host=host,
+                       bind_host=bind_host or host, port=port, min_workers=min_workers,
+                       join_timeout=join_timeout, output=output, train=train,
+                       max_recoveries=max_recoveries,
+                       **({"worker_id": worker_id} if worker_id else {}))
+    raise typer.Exit(run_worker(cfg))
+
+
+@app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
+def train(
+    ctx: typer.Context,
+    world_size: int = typer.Option(2, help="worker processes to start on this machine"),
+    max_restarts: int = typer.Option(3, help="times a crashed worker is restarted"),
+    timeout: float = typer.Option(3600.0, help="seconds before the whole run is stopped"),
+    output: str = typer.Option(None, help="final weights and result.json are written here"),
+) -> None:
+    """Start a local coordinator and N workers and train (every worker option is forwarded)."""
+    from worker.launcher import run_local_cluster
+
+    try:
+        build_train_config(list(ctx.args))  # fail here, once, on a bad option
+    except (ValueError, TypeError, OSError) as err:
+        _fail(str(err))
+    if world_size < 1:
+        _fail(f"--world-size must be >= 1, got {world_size}")
+    try:
+        args = list(ctx.args) + (["--output", output] if output else [])
+        run_local_cluster(world_size, args, timeout=timeout, max_restarts=max_restarts)
+    except (RuntimeError, TimeoutError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def export(checkpoint: str = typer.Argument(..., help="a step_<n> directory (or its root)"),
+           out: str = typer.Argument(..., help="output directory for from_pretrained")) -> None:
+    """Write a Hugging Face model directory (or a peft adapter for LoRA runs)."""
+    from worker.checkpoint_files import CheckpointError, latest_checkpoint
+    from worker.export import export_checkpoint
+
+    try:
+        path = latest_checkpoint(checkpoint) or checkpoint
+        typer.echo(f"exported {path} to {export_checkpoint(path, out)}")
+    except (CheckpointError, ValueError, OSError) as err:
+        _fail(str(err))
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(root: str = typer.Argument(..., help="checkpoint directory")) -> None:
+    """Step, world size, losses and size on disk of every complete checkpoint."""
+    from worker.checkpoint_files import format_checkpoints, list_checkpoints
+
+    typer.echo(format_checkpoints(list_checkpoints(root)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,133 @@
+"""Training options on the command line: one table maps each flag to a TrainConfig field.
+
+``zerop2p worker`` and ``zerop2p train`` share it (``train`` forwards the flags to every worker),
+and a TOML file (``--config``) gives the same options, with flags taking precedence. argparse,
+not typer, parses this table: typer wants one Python parameter per flag, which would spell the
+~35 options out twice; the table keeps one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from worker.config import TrainConfig, load_toml
+
+
+@dataclass(frozen=True, slots=True)
+class Opt:
+    """One flag: where its value goes in TrainConfig (``section.field`` or ``field``)."""
+
+    flag: str
+    target: str
+    type: type
+    help: str
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _opt_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+OPTIONS: list[Opt] = [
+    Opt("--model", "model.name", str, "preset (tiny-gpt2, tiny-llama, tiny-qwen2, tiny-bert) or a "
+        "local from_pretrained directory"),
+    Opt("--task", "model.task", str, "causal-lm or sequence-classification"),
+    Opt("--num-labels", "model.num_labels", int, "classes, for sequence-classification"),
+    Opt("--n-layer", "model.n_layer", int, "blocks in a preset model"),
+    Opt("--hidden-size", "model.hidden_size", int, "hidden size of a preset model"),
+    Opt("--num-heads", "model.num_heads", int, "attention heads of a preset model"),
+    Opt("--seed", "model.seed", int, "seed of the model's initial weights"),
+    Opt("--data", "data.source", str, "stdlib (the Python standard library's source), a .txt or "
+        ".jsonl file, or a directory of text files"),
+    Opt("--text-field", "data.text_field", str, "jsonl field holding the text"),
+    Opt("--seq-len", "data.seq_len", int, "tokens per row"),
+    Opt("--max-tokens", "data.max_tokens", int, "cap on the tokens read"),
+    Opt("--data-seed", "data.seed", int, "seed of the batch order"),
+    Opt("--optimizer", "optim.optimizer", str, "adamw or sgd"),
+    Opt("--lr", "optim.lr", float, "peak learning rate"),
+    Opt("--weight-decay", "optim.weight_decay", float, "decoupled weight decay"),
+    Opt("--momentum", "optim.momentum", float, "SGD momentum"),
+    Opt("--schedule", "optim.schedule", str, "constant, linear or cosine"),
+    Opt("--warmup-steps", "optim.warmup_steps", int, "linear warm-up steps"),
+    Opt("--max-grad-norm", "optim.max_grad_norm", _opt_float, "global gradient-norm clip "
+        "(none: off)"),
+    Opt("--lora-rank", "lora.rank", int, "train LoRA adapters of this rank (base frozen)"),
+    Opt("--lora-alpha", "lora.alpha", float, "LoRA alpha"),
+    Opt("--lora-dropout", "lora.dropout", float, "LoRA dropout (nonzero breaks exact parity)"),
+    Opt("--lora-targets", "lora.target_modules", str, "comma-separated module names "
+        "(default: peft's for the architecture)"),
+    Opt("--steps", "steps", int, "optimizer steps"),
+    Opt("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    Opt("--micro-batch-rows", "micro_batch_rows", int, "rows per global micro-batch "
+        "(divided among the workers)"),
+    Opt("--mixed-precision", "mixed_precision", str, "no, bf16 or fp16 (fp32 master shards)"),
+    Opt("--device", "device", str, "cpu or cuda:N"),
+    Opt("--backend", "backend", str, "grpc (peer-to-peer) or torch (gloo/NCCL)"),
+    Opt("--codec", "codec", str, "gRPC wire codec: raw, bf16 or int8"),
+    Opt("--eval-every", "eval_every", int, "evaluate every K steps (0: only at the end)"),
+    Opt("--eval-batches", "eval_batches", int, "held-out batches per evaluation"),
+    Opt("--log-every", "log_every", int, "log every K steps"),
+    Opt("--unit-pattern", "unit_pattern", str, "regex of module names that form sharding units"),
+    Opt("--timeout", "timeout", float, "deadline in seconds for every collective"),
+    Opt("--checkpoint-dir", "checkpoint_dir", str, "directory shared by all workers"),
+    Opt("--checkpoint-every", "checkpoint_every", int, "checkpoint every K steps (and at the end)"),
+    Opt("--keep-last", "keep_last", int, "checkpoints kept (plus the best by eval loss)"),
+    Opt("--resume", "resume", _bool, "resume from the latest checkpoint when there is one"),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    """An argparse parser of the training options; unset flags stay None."""
+    ap = argparse.ArgumentParser(prog="zerop2p worker", add_help=False,
+                                 argument_default=argparse.SUPPRESS)
+    ap.add_argument("--config", type=str, help="TOML file of these options")
+    for o in OPTIONS:
+        ap.add_argument(o.flag, type=o.type, help=o.help, metavar=o.type.__name__.upper()
+                        if o.type in (int, float, str) else "VALUE")
+    return ap
+
+
+def help_text() -> str:
+    """The options as a two-column listing, for ``--help`` epilogs."""
+    width = max(len(o.flag) for o in OPTIONS) + 2
+    lines = ["Training options (also from --config FILE.toml; flags win):"]
+    lines += [f"  {o.flag:<{width}}{o.help}" for o in OPTIONS]
+    return "\n".join(lines)
+
+
+def overrides_from_args(args: list[str]) -> tuple[str | None, dict]:
+    """Parse flags into (config path, nested dict of overrides); unknown flags are errors."""
+    ns, unknown = parser().parse_known_args(args)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {' '.join(unknown)}\n\n{help_text()}")
+    values = vars(ns)
+    path = values.pop("config", None)
+    nested: dict = {}
+    by_dest = {o.flag[2:].replace("-", "_"): o for o in OPTIONS}
+    for dest, value in values.items():
+        opt = by_dest[dest]
+        if opt.target == "lora.target_modules":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        *section, name = opt.target.split(".")
+        (nested.setdefault(section[0], {}) if section else nested)[name] = value
+    return path, nested
+
+
+def build_train_config(args: list[str]) -> TrainConfig:
+    """TOML file (if any) overlaid by flags, validated into a TrainConfig."""
+    path, flags = overrides_from_args(args)
+    base = load_toml(path) if path else {}
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            base[key] = {**(base.get(key) or {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.from_dict(base)
