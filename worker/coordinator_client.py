@@ -1,0 +1,186 @@
+"""The worker's async HTTP client for the coordinator: membership, barrier, telemetry.
+
+Every request has a deadline. Connection errors, timeouts and 502/503/504 are retried with
+capped exponential backoff and jitter until ``retry_for`` runs out, so a coordinator restart
+is ridden out; any other 4xx/5xx raises ``CoordinatorError`` with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+WAIT_CHUNK_S = 30.0  # one long-poll's length; the server caps it at 60 s
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A member of a generation: where its gRPC server listens, and its rank."""
+
+    worker_id: str
+    ip_address: str
+    port: int
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A frozen membership as one worker sees it; ``peers`` are ordered by rank."""
+
+    generation: int
+    rank: int
+    world_size: int
+    peers: list[PeerInfo]
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator refused a request (``status`` is the HTTP status), or could not be
+    reached before the deadline (``status`` is None)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"coordinator: {status or 'unreachable'}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _generation(answer: dict, worker_id: str) -> Generation | None:
+    """This worker's view of a ready answer, or None if it is not a member."""
+    if not answer.get("ready"):
+        return None
+    peers = sorted((PeerInfo(p["worker_id"], p["ip_address"], int(p["port"]), int(p["rank"]))
+                    for p in answer["workers"]), key=lambda p: p.rank)
+    mine = [p.rank for p in peers if p.worker_id == worker_id]
+    if not mine:
+        return None
+    return Generation(generation=int(answer["generation"]), rank=mine[0], world_size=len(peers),
+                      peers=peers)
+
+
+class CoordinatorClient:
+    """One worker's session with the coordinator at ``url`` (use from one event loop)."""
+
+    def __init__(self, url: str, *, token: str | None = None, worker_id: str,
+                 request_timeout: float = 10.0, max_backoff: float = 5.0,
+                 retry_for: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.worker_id = worker_id
+        self.request_timeout = request_timeout
+        self.max_backoff = max_backoff
+        self.retry_for = retry_for
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._registration: dict[str, Any] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    async def _request(self, method: str, path: str, *, body: Any = None,
+                       params: dict | None = None, timeout: float | None = None,
+                       retry_for: float | None = None) -> Any:
+        """One call with retries on transient failures; returns the decoded JSON body."""
+        timeout = self.request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
+        attempt = 0
+        while True:
+            try:
+                async with self._http().request(
+                        method, self.url + path, json=body, params=params,
+                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    if resp.status < 400:
+                        return await resp.json()
+                    message = await _detail(resp)
+                    if resp.status not in RETRY_STATUSES:
+                        raise CoordinatorError(resp.status, message)
+                    problem: str = f"{resp.status}: {message}"
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            delay = min(self.max_backoff, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if time.monotonic() + delay > deadline:
+                raise CoordinatorError(None, f"{method} {self.url}{path} failed for "
+                                             f"{attempt + 1} attempts: {problem}")
+            if attempt == 0:
+                log.warning("coordinator %s %s: %s; retrying", method, path, problem)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def register(self, ip_address: str, port: int, **info: Any) -> dict:
+        """Register (or re-register) this worker's gRPC address and capacity."""
+        self._registration = {"worker_id": self.worker_id, "ip_address": ip_address,
+                              "port": port, **{k: v for k, v in info.items() if v is not None}}
+        return await self._request("POST", "/workers/register", body=self._registration)
+
+    async def heartbeat(self, **status: Any) -> dict:
+        """Heartbeat with optional status; re-registers if the coordinator forgot us (404)
+        or declared us dead (409) while this process is in fact alive."""
+        body = {k: v for k, v in status.items() if v is not None}
+        path = f"/workers/{self.worker_id}/heartbeat"
+        try:
+            return await self._request("POST", path, body=body)
+        except CoordinatorError as exc:
+            if exc.status not in (404, 409) or self._registration is None:
+                raise
+            log.warning("coordinator does not count %s as alive (%s); registering again",
+                        self.worker_id, exc.message)
+        await self._request("POST", "/workers/register", body=self._registration)
+        return await self._request("POST", path, body=body)
+
+    async def leave(self) -> dict:
+        """Leave gracefully (the generation this worker is in ends)."""
+        return await self._request("DELETE", f"/workers/{self.worker_id}")
+
+    async def workers(self) -> list[dict]:
+        return await self._request("GET", "/workers")
+
+    async def report_telemetry(self, *, retry_for: float | None = None, **metrics: Any) -> dict:
+        """Send one row of numeric metrics."""
+        return await self._request("POST", "/telemetry",
+                                   body={"worker_id": self.worker_id, **metrics},
+                                   retry_for=retry_for)
+
+    async def wait_ready(self, min_workers: int, *, timeout: float,
+                         after_generation: int | None = None) -> Generation:
+        """Long-poll the barrier until a generation (newer than ``after_generation``, if
+        given) includes this worker; TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        answer: dict = {"active_workers": 0}
+        while (remaining := deadline - time.monotonic()) > 0:
+            chunk = min(remaining, WAIT_CHUNK_S)
+            params = {"min_workers": min_workers, "worker_id": self.worker_id,
+                      "wait": f"{chunk:.3f}"}
+            if after_generation is not None:
+                params["after"] = after_generation
+            answer = await self._request("GET", "/training/ready", params=params,
+                                         timeout=chunk + self.request_timeout, retry_for=remaining)
+            gen = _generation(answer, self.worker_id)
+            if gen is not None and (after_generation is None or gen.generation > after_generation):
+                return gen
+        raise TimeoutError(
+            f"{self.worker_id}: barrier for {min_workers} workers not met within {timeout:.1f}s "
+            f"({answer.get('active_workers', 0)} alive, generation {answer.get('generation')})")
+
+
+async def _detail(resp: aiohttp.ClientResponse) -> str:
+    """The server's ``detail`` message, or the raw body."""
+    text = await resp.text()
+    try:
+        detail = json.loads(text).get("detail")
+        return detail if isinstance(detail, str) else text
+    except (ValueError, AttributeError):
+        return text[:500]

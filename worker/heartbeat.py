@@ -1,0 +1,65 @@
+"""The heartbeat task: keeps this worker alive at the coordinator, carrying its status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from worker.coordinator_client import CoordinatorClient
+
+log = logging.getLogger(__name__)
+
+
+class HeartbeatTask:
+    """Heartbeats every ``interval`` seconds (±``jitter``), survives failures, stops at once.
+
+    Create, ``start()`` and ``stop()`` it on the client's event loop.
+    """
+
+    def __init__(self, client: CoordinatorClient, *, interval: float = 2.0,
+                 jitter: float = 0.1) -> None:
+        self.client = client
+        self.interval = interval
+        self.jitter = jitter
+        self.sent = 0
+        self._status: dict[str, Any] = {}
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def update(self, **status: Any) -> None:
+        """Replace fields of the status the next heartbeats carry."""
+        self._status.update(status)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stop.clear()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        """Stop now, abandoning a heartbeat in flight."""
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                await self.client.heartbeat(**self._status)
+                self.sent += 1
+                if failing:
+                    log.info("%s: heartbeats reach the coordinator again", self.client.worker_id)
+                failing = False
+            except Exception as exc:  # a failed beat is logged; the next one may get through
+                if not failing:  # once per streak, not every beat
+                    log.warning("%s: heartbeat failed: %s", self.client.worker_id, exc)
+                failing = True
+            delay = self.interval * random.uniform(1 - self.jitter, 1 + self.jitter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)

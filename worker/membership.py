@@ -1,0 +1,149 @@
+"""A synchronous membership facade for the training thread.
+
+The coordinator client and the heartbeat task live on an asyncio loop in a daemon thread;
+the training thread submits coroutines to it and waits on them with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import threading
+from typing import Any
+
+from worker.coordinator_client import CoordinatorClient, Generation
+from worker.heartbeat import HeartbeatTask
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5.0  # beyond a call's own timeout, before the facade gives up on the loop
+MAX_PENDING_REPORTS = 64  # telemetry beyond this many in flight is dropped, not queued
+CLOSE_DEADLINE_S = 5.0
+
+
+class Membership:
+    """Join, rejoin, report and leave, from synchronous code."""
+
+    def __init__(self, url: str, *, token: str | None = None, worker_id: str, ip_address: str,
+                 port: int, device: str = "cpu", heartbeat_interval: float = 2.0,
+                 **info: Any) -> None:
+        self.worker_id = worker_id
+        self._registration = {"ip_address": ip_address, "port": port, "device": device, **info}
+        self._client = CoordinatorClient(url, token=token, worker_id=worker_id)
+        self._heartbeat = HeartbeatTask(self._client, interval=heartbeat_interval)
+        self._last_generation: int | None = None
+        self._pending = 0
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name=f"membership-{worker_id}", daemon=True)
+        self._thread.start()
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        """Run ``coro`` on the loop and wait for it at most ``timeout`` seconds."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError(f"membership of {self.worker_id} is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own TimeoutError (the barrier's, with counts)
+                raise
+            future.cancel()
+            raise TimeoutError(
+                f"{self.worker_id}: coordinator call took over {timeout:.1f}s") from None
+        except BaseException:
+            future.cancel()
+            raise
+
+    @property
+    def generation(self) -> int | None:
+        """The last generation this worker was given."""
+        return self._last_generation
+
+    def join(self, min_workers: int, *, timeout: float) -> Generation:
+        """Register, start heartbeating, and wait at the barrier for a generation."""
+        async def _join() -> Generation:
+            await self._client.register(**self._registration)
+            self._heartbeat.start()
+            return await self._client.wait_ready(min_workers, timeout=timeout)
+
+        gen = self._call(_join(), timeout + GRACE_S)
+        self._last_generation = gen.generation
+        return gen
+
+    def rejoin(self, min_workers: int, *, timeout: float) -> Generation:
+        """After a failure: wait for a generation newer than the last one this worker saw."""
+        gen = self._call(self._client.wait_ready(min_workers, timeout=timeout,
+                                                 after_generation=self._last_generation),
+                         timeout + GRACE_S)
+        self._last_generation = gen.generation
+        return gen
+
+    def update_status(self, **status: Any) -> None:
+        """Set fields of the next heartbeats' status; never blocks."""
+        if not self._closed:
+            self._loop.call_soon_threadsafe(functools.partial(self._heartbeat.update, **status))
+
+    def report(self, **metrics: Any) -> None:
+        """Fire-and-forget telemetry: never blocks, never raises; drops when backed up."""
+        try:
+            with self._lock:
+                if self._closed:
+                    return
+                if self._pending >= MAX_PENDING_REPORTS:
+                    self._dropped += 1
+                    if self._dropped == 1:
+                        log.warning("%s: coordinator slow; dropping telemetry", self.worker_id)
+                    return
+                self._pending += 1
+            future = asyncio.run_coroutine_threadsafe(
+                self._client.report_telemetry(retry_for=0.0, **metrics), self._loop)
+            future.add_done_callback(self._reported)
+        except Exception as exc:  # telemetry must never stop training
+            log.warning("%s: telemetry not sent: %s", self.worker_id, exc)
+
+    def _reported(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending -= 1
+        if not future.cancelled() and future.exception() is not None:
+            log.debug("%s: telemetry failed: %s", self.worker_id, future.exception())
+
+    def leave(self) -> None:
+        """Stop heartbeating and leave the coordinator gracefully."""
+        async def _leave() -> None:
+            await self._heartbeat.stop()
+            await self._client.leave()
+
+        self._call(_leave(), self._client.request_timeout + GRACE_S)
+
+    def close(self) -> None:
+        """Stop the heartbeat, close the session and the loop thread; idempotent, bounded."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+
+        async def _shutdown() -> None:
+            await self._heartbeat.stop()
+            await self._client.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(_shutdown(), self._loop).result(CLOSE_DEADLINE_S)
+        except Exception as exc:
+            log.warning("%s: membership shutdown incomplete: %s", self.worker_id, exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(CLOSE_DEADLINE_S)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> Membership:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
