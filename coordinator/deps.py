@@ -28,4 +28,5 @@ CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 BarrierDep = Annotated[Barrier, Depends(_barrier)]
 RegistryDep = Annotated[CollectorRegistry, Depends(_registry)]
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN, max_length=128)]
-WorkerIdQuery = Annotated[str | None, Query(pattern=WORKER_ID_PATTERN, max_length=128)]
+# Optional filters: empty (``?worker_id=``) means none, as a form left blank would send.
+WorkerIdQuery = Annotated[str | None, Query(pattern=r"^[^\x00-\x1f\x7f]{0,128}$", max_length=128)]

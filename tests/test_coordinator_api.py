@@ -100,6 +100,8 @@ def test_telemetry_round_trip_and_ring(coord):
     assert rows[-1]["metrics"] == {"step": 4, "loss": -1.0, "lr": 1e-3, "grad_norm": 0.5,
                                    "rank": 0, "generation": 1}
     assert {r["worker_id"] for r in coord.get("/telemetry").json()} == {"w0", "w1"}
+    everyone = coord.get("/telemetry", params={"worker_id": "", "limit": 100}).json()
+    assert len(everyone) == 6
     # Telemetry feeds each worker's last step and loss.
     w0 = coord.get("/workers").json()[0]
     assert (w0["step"], w0["loss"]) == (4, -1.0)
