@@ -66,7 +66,8 @@ def main() -> int:
                                       token=args.token, extra=extra)
             children.append(spawn(name, argvs[name], env=envs[name])[0])
         supervise(children, timeout=args.timeout, max_restarts=args.max_restarts,
-                  respawn=lambda c: spawn(c.name, argvs[c.name], env=envs[c.name])[0])
+                  respawn=lambda c: spawn(c.name, argvs[c.name], env=envs[c.name],
+                                                 history=c.lines)[0])
         return 0
     except (RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)

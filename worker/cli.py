@@ -60,6 +60,7 @@ def worker(
     join_timeout: float = typer.Option(300.0, help="seconds to wait at the barrier"),
     output: str = typer.Option(None, help="rank 0 writes final weights and result.json here"),
     max_recoveries: int = typer.Option(3, help="times to rejoin and resume after a lost peer"),
+    heartbeat_interval: float = typer.Option(2.0, help="seconds between heartbeats"),
     log_level: str = typer.Option("info", help="debug, info, warning"),
 ) -> None:
     """Join a coordinator and train with the other workers (training options below)."""
@@ -73,7 +74,7 @@ def worker(
     cfg = WorkerConfig(coordinator=coordinator, token=token, host=host,
                        bind_host=bind_host or host, port=port, min_workers=min_workers,
                        join_timeout=join_timeout, output=output, train=train,
-                       max_recoveries=max_recoveries,
+                       max_recoveries=max_recoveries, heartbeat_interval=heartbeat_interval,
                        **({"worker_id": worker_id} if worker_id else {}))
     raise typer.Exit(run_worker(cfg))
 

@@ -109,7 +109,8 @@ class CoordinatorClient:
                     if resp.status not in RETRY_STATUSES:
                         raise CoordinatorError(resp.status, message)
                     problem: str = f"{resp.status}: {message}"
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                    asyncio.TimeoutError) as exc:  # a coordinator killed mid-response
                 problem = f"{type(exc).__name__}: {exc}"
             delay = min(self.max_backoff, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
             if time.monotonic() + delay > deadline:

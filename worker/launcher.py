@@ -47,12 +47,13 @@ def _pump(child: Child, echo: bool, first_match: re.Pattern | None, found: dict,
 
 
 def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = True,
-          wait_for: re.Pattern | None = None, timeout: float = 60.0) -> tuple[Child, str | None]:
+          wait_for: re.Pattern | None = None, timeout: float = 60.0,
+          history: list[str] | None = None) -> tuple[Child, str | None]:
     """Start ``argv`` with merged stdout/stderr; optionally wait for a line matching ``wait_for``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env, start_new_session=True)
-    child = Child(name=name, proc=proc)
+    child = Child(name=name, proc=proc, lines=history if history is not None else [])
     found: dict = {}
     event = threading.Event()
     child.thread = threading.Thread(target=_pump, args=(child, echo, wait_for, found, event),
@@ -67,9 +68,9 @@ def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = T
 
 
 def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_timeout: float = 10.0,
-                      echo: bool = True) -> tuple[Child, str]:
-    """A real coordinator on a free port; returns it and its URL."""
-    argv = [sys.executable, "-m", "worker.cli", "coordinator", "--host", "127.0.0.1", "--port", "0",
+                      echo: bool = True, port: int = 0) -> tuple[Child, str]:
+    """A real coordinator (on a free port unless ``port`` is given); returns it and its URL."""
+    argv = [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(port),
             "--db", db, "--heartbeat-timeout", str(heartbeat_timeout)]
     if token:
         argv += ["--token", token]
@@ -153,7 +154,7 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
     argvs: dict[str, list[str]] = {}
 
     def respawn(old: Child) -> Child:
-        return spawn(old.name, argvs[old.name], env=worker_env, echo=echo)[0]
+        return spawn(old.name, argvs[old.name], env=worker_env, echo=echo, history=old.lines)[0]
 
     try:
         for i in range(world_size):
