@@ -5,6 +5,10 @@ A generation is a frozen membership: a number, and every member's rank and addre
 one is active. It ends when a member dies, leaves or re-registers, or when every member still
 alive has asked for a newer one (``after``): all of them saw it fail. Then the next barrier
 call that finds ``min_workers`` alive workers freezes them into generation+1.
+
+Numbers never go back: they persist in SQLite, and a new generation is also numbered above
+every ``after`` a worker has sent, so even a coordinator restarted on ``:memory:`` never
+reuses a number that messages in flight may still carry.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Barrier:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self._abandoned: dict[int, set[str]] = {}  # generation -> members that asked for newer
+        self._floor = 0  # the highest generation any worker has told us it saw
 
     async def ready(self, min_workers: int, *, wait: float = 0.0, worker_id: str | None = None,
                     after: int | None = None) -> ReadyResponse:
@@ -46,12 +51,13 @@ class Barrier:
     def _evaluate(self, min_workers: int, worker_id: str | None,
                   after: int | None) -> ReadyResponse:
         coord = self.coordinator
+        self._floor = max(self._floor, after or 0)
         gen = coord.store.current_generation()
         if gen is not None and after is not None and gen.generation <= after:
             gen = self._abandon(gen, worker_id)
         if gen is None:
             self._abandoned.clear()
-            gen = coord.form_generation(min_workers)
+            gen = coord.form_generation(min_workers, at_least=self._floor + 1)
         alive = coord.store.workers("alive")
         if gen is None or (after is not None and gen.generation <= after):
             return ReadyResponse(

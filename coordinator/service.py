@@ -121,16 +121,16 @@ class Coordinator:
         log.warning("generation %d ended: %s", gen.generation, reason)
         self._notify()
 
-    def form_generation(self, min_workers: int) -> GenerationRow | None:
-        """The active generation, or a new one of every alive worker if at least
-        ``min_workers`` are alive and none is active; None otherwise."""
+    def form_generation(self, min_workers: int, *, at_least: int = 1) -> GenerationRow | None:
+        """The active generation, or a new one (numbered ``at_least`` or more) of every alive
+        worker if at least ``min_workers`` are alive and none is active; None otherwise."""
         gen = self.store.current_generation()
         if gen is not None:
             return gen
         alive = self.store.workers("alive")
         if len(alive) < min_workers:
             return None
-        gen = self.store.create_generation(alive, now=time.time())
+        gen = self.store.create_generation(alive, now=time.time(), at_least=at_least)
         log.info("generation %d formed: %s", gen.generation,
                  ", ".join(f"{m.rank}={m.worker_id}" for m in gen.members))
         self._notify()

@@ -217,9 +217,11 @@ class Store:
         """The highest generation number ever created (0 if none)."""
         return self._all("SELECT COALESCE(MAX(generation), 0) FROM generations")[0][0]
 
-    def create_generation(self, workers: list[WorkerRow], *, now: float) -> GenerationRow:
-        """Freeze ``workers`` (in order: their ranks) into the next numbered generation."""
-        number = self.last_generation() + 1
+    def create_generation(self, workers: list[WorkerRow], *, now: float,
+                          at_least: int = 1) -> GenerationRow:
+        """Freeze ``workers`` (in order: their ranks) into the next numbered generation,
+        numbered ``at_least`` or more."""
+        number = max(self.last_generation() + 1, at_least)
         members = [Member(w.worker_id, w.ip_address, w.port, rank)
                    for rank, w in enumerate(workers)]
         self._tx([("INSERT INTO generations (generation, created_at) VALUES (?, ?)",

@@ -176,3 +176,15 @@ def test_generation_ends_when_every_live_member_asks_for_a_newer_one(url):
         answer = ready(http, 2, worker_id="w1", after=1)
         assert answer["ready"] and answer["generation"] == 2
         assert ready(http, 2, worker_id="w0", after=1)["generation"] == 2
+
+
+def test_a_coordinator_that_lost_its_state_numbers_above_what_workers_saw(tmp_path):
+    """On ``:memory:`` a restart forgets every generation; a worker that saw generation 5 and
+    asks for a newer one gets 6, never a reused 1 that old messages may still carry."""
+    with serve(Settings(db=":memory:", token=TOKEN)) as (u, _), client(u) as http:
+        for w in ("w0", "w1"):
+            register(http, w)
+        assert ready(http, 2, worker_id="w0", after=5)["generation"] == 6
+        assert ready(http, 2, worker_id="w1")["generation"] == 6
+        http.delete("/workers/w1")
+        assert ready(http, 1, worker_id="w0")["generation"] == 7
