@@ -1,0 +1,98 @@
+"""The zerop2p command end to end: a local cluster trains, checkpoints are listed and exported to a
+directory that from_pretrained loads; bad options fail with a message naming them; the
+two-worker integration script passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from worker.options import build_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "worker.cli"]
+SMALL = ["--model", "tiny-gpt2", "--micro-batch-rows", "4", "--seq-len", "32",
+         "--max-tokens", "60000"]
+
+
+def zerop2p(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_toml_options_with_flags_winning(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 9\nbackend = "torch"\n[optim]\nlr = 0.5\nschedule = "linear"\n'
+                    '[model]\nname = "tiny-llama"\n')
+    cfg = build_train_config(["--config", str(toml), "--lr", "0.25", "--lora-rank", "4",
+                              "--lora-targets", "q_proj, v_proj", "--max-grad-norm", "none"])
+    assert (cfg.steps, cfg.backend, cfg.model.name) == (9, "torch", "tiny-llama")
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.max_grad_norm) == (0.25, "linear", None)
+    assert cfg.lora.rank == 4 and cfg.lora.target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--bogus", "1"], "--bogus"),
+    (["--lr", "fast"], "--lr"),
+    (["--mixed-precision", "fp8"], "mixed_precision"),
+    (["--steps", "0"], "steps"),
+])
+def test_bad_training_options_are_named(args, named):
+    res = zerop2p("worker", "--coordinator", "http://127.0.0.1:9", *args, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert named in res.stderr, res.stderr
+
+
+def test_unknown_toml_key_is_named(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ValueError, match=r"learning_rate.*\[optim\]|\[optim\].*learning_rate"):
+        build_train_config(["--config", str(toml)])
+
+
+@pytest.mark.timeout(300)
+def test_train_checkpoints_list_and_export(tmp_path):
+    ckpt, out, hf = tmp_path / "ckpt", tmp_path / "out", tmp_path / "hf"
+    res = zerop2p("train", "--world-size", "2", "--output", str(out), *SMALL, "--steps", "4",
+                  "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--eval-every", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and len(result["losses"]) == 4
+    assert [s for s, _ in result["eval"]] == [2, 4]
+
+    listing = zerop2p("checkpoints", "list", str(ckpt), timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("2", "2"), ("4", "2")], listing.stdout
+
+    exported = zerop2p("export", str(ckpt), str(hf), timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    final = load_file(str(out / "weights.safetensors"))
+    state = model.state_dict()
+    for name, w in final.items():
+        assert torch.equal(state[name], w), f"{name}: exported weights differ from the final ones"
+
+
+def test_export_of_a_missing_checkpoint_names_it(tmp_path):
+    res = zerop2p("export", str(tmp_path / "nope"), str(tmp_path / "out"), timeout=60)
+    assert res.returncode == 2 and "nope" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_script_trains_and_matches_one_process():
+    res = subprocess.run([sys.executable, "scripts/test_two_workers.py", "--steps", "6", "--quiet",
+                          "--micro-batch-rows", "4", "--seq-len", "32"],
+                         capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert summary["loss_last"] < summary["loss_first"]
+    assert summary["max_param_diff_vs_single"] <= 1e-4
