@@ -20,7 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/zerop2p train --world-size 2
+	$(BIN)/zerop2p train --world-size 2 --model tiny-gpt2 --data stdlib --steps 60 \
+		--eval-every 20 --output runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -30,3 +31,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_collectives.py --world-size 2 --sizes-mb 1,16,64,256
+	$(BIN)/python scripts/bench_training.py
+	$(BIN)/python scripts/bench_recovery.py

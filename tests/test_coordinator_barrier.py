@@ -14,17 +14,6 @@ from coordinator.config import Settings
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def url(tmp_path):
-    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN, heartbeat_timeout=30.0)) as (u, _):
-        yield u
-
-
-@pytest.fixture
-def fast_url(tmp_path):
-    """A coordinator that declares a worker dead after 1 s of silence."""
-    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN, heartbeat_timeout=1.0)) as (u, _):
-        yield u
 
 
 def ready(http, n, **params):

@@ -8,9 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from coordinator_helpers import TOKEN, CoordinatorProcess, client, serve, statuses
+from coordinator_helpers import TOKEN, CoordinatorProcess, client, statuses
 
-from coordinator.config import Settings
 from coordinator.server import bind
 from worker.coordinator_client import CoordinatorClient, CoordinatorError, Generation, PeerInfo
 from worker.heartbeat import HeartbeatTask
@@ -19,17 +18,6 @@ from worker.membership import Membership
 pytestmark = pytest.mark.timeout(40)
 
 
-@pytest.fixture
-def url(tmp_path):
-    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN, heartbeat_timeout=30.0)) as (u, _):
-        yield u
-
-
-@pytest.fixture
-def fast_url(tmp_path):
-    """Workers silent for 1 s are dead."""
-    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN, heartbeat_timeout=1.0)) as (u, _):
-        yield u
 
 
 def closed_port_url() -> str:
