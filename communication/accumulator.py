@@ -7,7 +7,8 @@ the generation, and whether they are summed (reduce-scatter, all-reduce) or conc
 (all-gather; barrier is a concat of empty tensors). Each sender's contribution is stored once:
 a retry of a stored one is acknowledged and dropped. A sum folds contributions **in rank order**
 in float32 as the prefix 0..k becomes complete, so the result never depends on arrival order;
-a concat writes each sender's bytes straight into its rows of the preallocated output.
+a concat writes each sender's bytes straight into its rows of the preallocated output. A shift
+slot expects exactly one contribution, from its ``source`` rank, written into one buffer.
 The waiter is woken by an asyncio future once every sender has arrived; the slot is removed
 when its result is taken. A contribution that disagrees with the expectation raises
 ``ContributionError`` (the server maps it to INVALID_ARGUMENT) and changes nothing.
@@ -37,6 +38,7 @@ class Mode(str, enum.Enum):
 
     SUM = "sum"
     CONCAT = "concat"
+    SHIFT = "shift"  # one contribution, from ``Expectation.source`` only
 
 
 class ContributionError(ValueError):
@@ -61,6 +63,17 @@ class Expectation:
     shape: tuple[int, ...]
     dtype: torch.dtype
     mode: Mode
+    source: int | None = None  # the one sender of a SHIFT slot
+
+    def __post_init__(self) -> None:
+        if (self.mode is Mode.SHIFT) != (self.source is not None):
+            raise ValueError(f"key {self.key}: a source rank is given for shift slots only "
+                             f"(mode {self.mode.value}, source {self.source})")
+
+    @property
+    def senders(self) -> tuple[int, ...]:
+        """The ranks whose contributions complete the slot."""
+        return (self.source,) if self.source is not None else tuple(range(self.world_size))
 
     @property
     def numel(self) -> int:
@@ -84,8 +97,8 @@ class Slot:
         self._next = 0  # next rank to fold into the running sum
         self._acc: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
-        if expectation.mode is Mode.CONCAT:
-            self._out = torch.empty(expectation.world_size * expectation.numel,
+        if expectation.mode is not Mode.SUM:
+            self._out = torch.empty(len(expectation.senders) * expectation.numel,
                                     dtype=expectation.dtype)
         self._done: asyncio.Future = loop.create_future()
         self._loop = loop
@@ -100,6 +113,9 @@ class Slot:
         where = f"key {e.key} sender {sender}"
         if not 0 <= sender < e.world_size:
             raise ContributionError(f"{where}: sender outside world of size {e.world_size}")
+        if e.source is not None and sender != e.source:
+            raise ContributionError(f"{where}: shift expects rank {e.source} only, actual "
+                                    f"rank {sender}")
         if generation != e.generation:
             raise ContributionError(f"{where}: generation expected {e.generation}, "
                                     f"actual {generation}")
@@ -119,7 +135,8 @@ class Slot:
         """The preallocated 1-D tensor that sender's decoded data is written into."""
         if self._out is not None:
             n = self.expectation.numel
-            return self._out[sender * n:(sender + 1) * n]
+            row = 0 if self.expectation.source is not None else sender
+            return self._out[row * n:(row + 1) * n]
         staged = self._staged.get(sender)
         if staged is None:
             staged = self._pool.take(self.expectation.numel, self.expectation.dtype)
@@ -138,7 +155,7 @@ class Slot:
         if self._out is None:
             self._parts[sender] = self._staged.pop(sender)
             self._fold()
-        if len(self._arrived) == self.expectation.world_size and not self._done.done():
+        if len(self._arrived) == len(self.expectation.senders) and not self._done.done():
             self._done.set_result(None)
         return True
 
@@ -196,7 +213,7 @@ class Slot:
         await asyncio.shield(arrival)
 
     def missing(self) -> list[int]:
-        return [r for r in range(self.expectation.world_size) if r not in self._arrived]
+        return [r for r in self.expectation.senders if r not in self._arrived]
 
     async def wait(self, timeout: float) -> None:
         """Wait until every sender arrived; MissingContributions names the rest at timeout."""
@@ -217,6 +234,8 @@ class Slot:
         if self.missing():
             raise RuntimeError(f"key {self.expectation.key}: result before rank(s) "
                                f"{self.missing()} arrived")
+        if self.expectation.mode is Mode.SHIFT:
+            return self._out.view(self.expectation.shape)
         if self._out is not None:
             return self._out
         assert self._acc is not None

@@ -10,6 +10,9 @@ can overlap compute with communication and wait only when it needs the data.
   ``r`` receives ``sum over ranks of full[r*S:(r+1)*S]``.
 - ``all_reduce(key, value)``: every rank receives the element-wise sum of all ranks' ``value``.
 - ``barrier(key)``: completes once every rank has entered the barrier with the same key.
+- ``shift(key, tensor)``: rank ``r`` sends ``tensor`` to rank ``(r+1) % W`` and receives the one
+  of rank ``(r-1) % W`` (every rank passes the same shape and dtype). It moves bytes, never
+  compressed: it carries master copies (the buddy replicas of worker/buddy.py).
 
 Sums are accumulated in float32 for low-precision inputs and returned in the input's dtype, on
 the input's device. Contributions are summed in rank order once all have arrived (never in
@@ -36,6 +39,7 @@ class Phase(str, enum.Enum):
     REDUCE_SCATTER = "reduce_scatter"
     ALL_REDUCE = "all_reduce"
     BARRIER = "barrier"
+    BUDDY = "buddy"  # the buddy replica's shift after a step, and the rescue barriers
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,8 @@ class Collectives(Protocol):
     def all_reduce(self, key: Key, value: torch.Tensor) -> Future[torch.Tensor]: ...
 
     def barrier(self, key: Key) -> Future[None]: ...
+
+    def shift(self, key: Key, tensor: torch.Tensor) -> Future[torch.Tensor]: ...
 
     def close(self) -> None: ...
 

@@ -9,6 +9,8 @@
   shard of origin r-t to rank r+1 at step t, so each rank keeps one outgoing stream instead of
   W-1. A ring reduce-scatter would sum in ring order, breaking the rank-order contract, so
   reduce-scatter is always direct.
+- shift: one push to rank r+1 under the key; the slot expects one contribution, from rank r-1.
+  Always the raw codec: a shift carries master copies, which are never compressed.
 Large contributions are cut into ranges sent on parallel streams so encoding, the wire and the
 receiver's copies overlap (pipelining); each stream carries ~1 MiB chunks.
 
@@ -40,6 +42,7 @@ RING_MIN_WORLD = 4
 RING_MIN_BYTES = 1 << 20
 STREAM_MIN_BYTES = 4 << 20
 MAX_STREAMS = 4
+RAW = get_codec("raw")
 LOST_AFTER = 5.0  # a peer refusing connections this long is gone (it was up when we started)
 
 
@@ -102,6 +105,12 @@ class GrpcCollectives:
                          self._direct(key, [empty] * self.world_size, Mode.CONCAT, (0,),
                                       torch.float32))
 
+    def shift(self, key: Key, tensor: torch.Tensor) -> Future[torch.Tensor]:
+        """Send tensor to rank+1, receive rank-1's (same shape and dtype on every rank)."""
+        if self.world_size == 1:
+            return completed(tensor.detach().clone())
+        return self._run("shift", key, tensor.device, self._shift(key, self._cpu(tensor)))
+
     def close(self) -> None:
         """Stop issuing; the transport (and its server) stays up for the next generation."""
         self._closed = True
@@ -141,15 +150,17 @@ class GrpcCollectives:
 
         return self.transport.submit(guarded())
 
-    def _open(self, key: Key, mode: Mode, shape: tuple[int, ...], dtype: torch.dtype):
+    def _open(self, key: Key, mode: Mode, shape: tuple[int, ...], dtype: torch.dtype,
+              source: int | None = None):
         exp = Expectation(key=str(key), generation=self.generation, world_size=self.world_size,
-                          shape=shape, dtype=dtype, mode=mode)
+                          shape=shape, dtype=dtype, mode=mode, source=source)
         return self.transport.accumulator.open(exp)
 
     async def _push(self, key: Key, dest: int, origin: int, t: torch.Tensor,
-                    deadline: float) -> None:
+                    deadline: float, codec=None) -> None:
         """Stream t (origin's contribution) to rank dest, split over parallel ranges if big."""
-        wire = self.codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        codec = codec or self.codec
+        wire = codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
         client = self.transport.client(self.peers[dest])
         n = wire.numel()
         streams = min(MAX_STREAMS, max(1, n // STREAM_MIN_BYTES))
@@ -160,7 +171,7 @@ class GrpcCollectives:
             return pb.TensorHeader(key=str(key), generation=self.generation, sender=self.rank,
                                    origin=origin, dtype=DTYPE_NAMES[t.dtype],
                                    shape=list(t.shape), offset=a, total_bytes=b - a,
-                                   codec=self.codec.name)
+                                   codec=codec.name)
         try:
             await asyncio.gather(*(client.push(header(a, b), wire[a:b], deadline=deadline,
                                                unavailable_for=LOST_AFTER)
@@ -223,6 +234,13 @@ class GrpcCollectives:
                  for r in self._send_order()]
         out = await self._finish(slot, sends)
         return None if mode is Mode.CONCAT and shape == (0,) else out
+
+    async def _shift(self, key: Key, src: torch.Tensor) -> torch.Tensor:
+        w = self.world_size
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        slot = self._open(key, Mode.SHIFT, tuple(src.shape), src.dtype, source=(self.rank - 1) % w)
+        send = self._push(key, (self.rank + 1) % w, self.rank, src, deadline, codec=RAW)
+        return await self._finish(slot, [send])
 
     def _send_order(self) -> list[int]:
         """Peers starting after our own rank, so no rank is everyone's first target."""

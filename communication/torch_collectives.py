@@ -4,7 +4,9 @@ peer every benchmark is compared against.
 Each instance owns its own process group built straight from a TCPStore (never the global
 default group), so several generations can live in one process one after another. Ops are
 issued in call order under a lock; torch.distributed matches them across ranks by that order,
-so every rank must issue the same collectives in the same order (the engine does).
+so every rank must issue the same collectives in the same order (the engine does). A shift is a
+send to rank+1 and a receive from rank-1 on the same group: even ranks send first, odd ranks
+receive first, so blocking point-to-point backends (NCCL) cannot deadlock around the ring.
 """
 
 from __future__ import annotations
@@ -175,6 +177,23 @@ class TorchCollectives:
 
         return self._launch("barrier", key, start)
 
+    def shift(self, key: Key, tensor: torch.Tensor) -> Future[torch.Tensor]:
+        """Send tensor to rank+1, receive rank-1's (same shape and dtype on every rank)."""
+        if self.world_size == 1:
+            return completed(tensor.detach().clone())
+        src = self._wire(tensor.detach())
+        out = torch.empty_like(src)
+        nxt, prv = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+
+        def start():
+            send = lambda: self._pg.send([src], nxt, 0)  # noqa: E731
+            recv = lambda: self._pg.recv([out], prv, 0)  # noqa: E731
+            first, second = (send, recv) if self.rank % 2 == 0 else (recv, send)
+            works = [first(), second()]
+            return _AllWork(works), lambda: out.to(tensor.device)
+
+        return self._launch("shift", key, start)
+
     def close(self) -> None:
         """Tear down the process group, the liveness mesh and the store connection."""
         if self._closed:
@@ -189,3 +208,14 @@ class TorchCollectives:
             self._pg = None
         if self._mesh is not None:
             self._mesh.close()
+
+
+class _AllWork:
+    """Several torch.distributed works waited on as one."""
+
+    def __init__(self, works: list):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()

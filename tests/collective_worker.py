@@ -34,7 +34,7 @@ class Case:
     """One collective: op, logical length per rank (not always divisible), dtype."""
 
     index: int
-    op: str  # all_gather | reduce_scatter | all_reduce | barrier
+    op: str  # all_gather | reduce_scatter | all_reduce | shift | barrier
     numel: int
     dtype: str
 
@@ -49,7 +49,8 @@ def cases() -> list[Case]:
     for dtype in DTYPES:
         for op, sizes in (("all_gather", (1, 7, 1000, 300_001)),
                           ("reduce_scatter", (1, 13, 4099, 700_003)),
-                          ("all_reduce", (1, 5))):
+                          ("all_reduce", (1, 5)),
+                          ("shift", (1, 9, 300_001))):
             for n in sizes:
                 out.append(Case(index=len(out), op=op, numel=n, dtype=dtype))
     out.append(Case(index=len(out), op="barrier", numel=0, dtype="float32"))
@@ -73,7 +74,8 @@ def make_input(case: Case, rank: int, world_size: int) -> torch.Tensor:
 
 def key_of(case: Case, generation: int) -> Key:
     phase = {"all_gather": Phase.GATHER_FORWARD, "reduce_scatter": Phase.REDUCE_SCATTER,
-             "all_reduce": Phase.ALL_REDUCE, "barrier": Phase.BARRIER}[case.op]
+             "all_reduce": Phase.ALL_REDUCE, "shift": Phase.BUDDY,
+             "barrier": Phase.BARRIER}[case.op]
     return Key(generation=generation, step=0, unit=case.index, micro_batch=0, phase=phase)
 
 
@@ -125,9 +127,9 @@ def run_cases(coll, out: Path, device: str) -> None:
     torch.save(results, out / f"rank{coll.rank}.pt")
 
 
-def run_kill(coll, out: Path, victim: int, address: str | None) -> None:
+def run_kill(coll, out: Path, victim: int, op: str) -> None:
     """The victim starts a big collective and SIGKILLs itself; survivors record their error."""
-    big = Case(index=10_000, op="reduce_scatter", numel=8_000_000, dtype="float32")
+    big = Case(index=10_000, op=op, numel=8_000_000, dtype="float32")
     warm = Case(index=10_001, op="all_reduce", numel=1, dtype="float32")
     launch_case(coll, warm, 1).result(timeout=60)
     start = time.monotonic()
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--device", default="cpu", help="where inputs live (cuda: via the wire)")
     ap.add_argument("--kill", type=int, default=None, help="rank that SIGKILLs itself")
+    ap.add_argument("--kill-op", default="reduce_scatter", help="the collective it dies in")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, n = args.rank, args.world_size
@@ -169,7 +172,7 @@ def main() -> None:
         if args.kill is None:
             run_cases(coll, out, args.device)
         else:
-            run_kill(coll, out, args.kill, address)
+            run_kill(coll, out, args.kill, args.kill_op)
     finally:
         if args.kill is None:
             coll.close()

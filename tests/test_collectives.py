@@ -51,6 +51,8 @@ def reference(case: Case, rank: int, world_size: int) -> torch.Tensor:
     xs = [make_input(case, r, world_size) for r in range(world_size)]
     if case.op == "all_gather":
         return torch.cat(xs)
+    if case.op == "shift":
+        return xs[(rank - 1) % world_size]
     acc = xs[0].float()
     for x in xs[1:]:
         acc = acc + x.float()
@@ -83,7 +85,7 @@ def test_every_case_matches_one_process_reference(group_results):
                 continue
             got, want = results[r][case.name], reference(case, r, n)
             assert got.dtype == want.dtype and got.shape == want.shape, (case.name, r)
-            if exact or case.op == "all_gather":
+            if exact or case.op in ("all_gather", "shift"):
                 assert torch.equal(got, want), f"{case.name} rank {r}: not bit-exact"
             else:
                 torch.testing.assert_close(got, want, msg=f"{case.name} rank {r}")
@@ -106,12 +108,14 @@ def test_cuda_inputs_travel_and_come_back_on_their_device(backend, tmp_path):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("op", ["reduce_scatter", "shift"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_killed_peer_fails_every_survivor_naming_it(backend, tmp_path):
+def test_killed_peer_fails_every_survivor_naming_it(backend, op, tmp_path):
+    """In a shift, rank 0 waits for the victim's send and rank 1 pushes to it: both name it."""
     n, victim, deadline = 3, 2, 10.0
     start = time.monotonic()
     codes, outputs, published = launch(backend, n, tmp_path, "--kill", str(victim),
-                                       "--timeout", str(deadline), timeout=60)
+                                       "--kill-op", op, "--timeout", str(deadline), timeout=60)
     elapsed = time.monotonic() - start
     assert codes[victim] == -9, outputs[victim][-2000:]
     for r in range(n):
