@@ -44,6 +44,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_last: int = 2
     resume: bool = True  # load the latest complete checkpoint in checkpoint_dir, if any
+    buddy: bool = False  # replicate owned state on rank r+1 after every step (worker/buddy.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -56,6 +57,9 @@ class TrainConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of {PRECISIONS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.buddy and not (self.checkpoint_dir and self.resume):
+            raise ValueError(f"buddy needs checkpoint_dir (got {self.checkpoint_dir!r}) and resume "
+                             f"(got {self.resume}): a rescue is published and resumed there")
 
     def check_world_size(self, world_size: int) -> None:
         """Every rank must get the same number of rows of every global micro-batch."""

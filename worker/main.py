@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from communication.collectives import Collectives
+from communication.collectives import CollectiveError, Collectives
 from worker.config import TrainConfig
 from worker.zero3 import ShardConfig, Zero3Engine, shard_model
 
@@ -130,7 +130,13 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
 
     cfg.train.check_world_size(gen.world_size)
     collectives = build_collectives(cfg, gen, transport)
+    trainer = None
     try:
+        if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
+            from worker.rescue import publish_rescue
+
+            publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
+                           rank=gen.rank, timeout=cfg.train.timeout)
         _, model = build_data_and_model(cfg.train, data=data)
         engine = shard(cfg.train, model, collectives, gen.generation)
 
@@ -150,13 +156,18 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
             log.info("rank %d done: loss %.4f -> %.4f", gen.rank, trainer.history[0].loss,
                      trainer.history[-1].loss)
         return 0
+    except (CollectiveError, TimeoutError):
+        if trainer is not None and trainer.buddy is not None:
+            from worker.rescue import write_rescue
+
+            write_rescue(trainer.buddy, cfg.train.checkpoint_dir)
+        raise
     finally:
         collectives.close()
 
 
 def run_worker(cfg: WorkerConfig) -> int:
     """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code."""
-    from communication.collectives import CollectiveError
     from worker.membership import Membership
 
     transport = None

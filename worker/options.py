@@ -81,6 +81,8 @@ OPTIONS: list[Opt] = [
     Opt("--checkpoint-every", "checkpoint_every", int, "checkpoint every K steps (and at the end)"),
     Opt("--keep-last", "keep_last", int, "checkpoints kept (plus the best by eval loss)"),
     Opt("--resume", "resume", _bool, "resume from the latest checkpoint when there is one"),
+    Opt("--buddy", "buddy", _bool, "true: keep a replica of each rank's shard on the next rank, "
+        "so a lost worker loses no step"),
 ]
 
 

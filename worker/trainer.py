@@ -77,6 +77,11 @@ class Trainer:
         self.history: list[StepStats] = []
         self.eval_history: list[tuple[int, float]] = []
         self.loss_scale = FP16_LOSS_SCALE if config.mixed_precision == "fp16" else 1.0
+        self.buddy = None
+        if config.buddy and world_size > 1:
+            from worker.buddy import Buddy
+
+            self.buddy = Buddy(self)
 
     def train_step(self) -> StepStats:
         """One optimizer step: grad_accum micro-batches, global clip, step on owned slices."""
@@ -98,6 +103,8 @@ class Trainer:
         norm, stats = self.engine.clip_grad_norm(cfg.optim.max_grad_norm,
                                                  extra=torch.cat([loss_sum, torch.tensor([tokens])]))
         skipped = not torch.isfinite(torch.tensor(norm)).item()
+        if self.buddy:
+            self.buddy.settle()  # the last step's replica must land before this update
         lr = self.scheduler.get_last_lr()[0]
         if skipped:
             log.warning("step %d: gradient norm %s is not finite; skipping the update", self.step, norm)
@@ -153,8 +160,12 @@ class Trainer:
             last = self.step == self.config.steps
             if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
                 log.info("step %d eval loss %.4f", self.step, self.evaluate())
+            if self.buddy:
+                self.buddy.after_step()
             if self._checkpoint_due():
                 self.save_checkpoint()
+        if self.buddy:
+            self.buddy.settle()
         bar.close()
         return self.history
 
