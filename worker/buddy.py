@@ -72,6 +72,7 @@ class Buddy:
         self.held: Snapshot | None = None  # the settled buddy copy of rank r-1
         self.bytes_sent = 0
         self._pending: Future | None = None
+        self._spare: torch.Tensor | None = None  # a dropped snapshot's buffer, packed into next
 
     @property
     def source(self) -> int:
@@ -84,7 +85,12 @@ class Buddy:
         tr = self.trainer
         tensors = _rank_tensors(self.engine, tr.optimizer, store_frozen=self.store_frozen)
         self.layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-        flat = torch.cat([as_bytes(t.contiguous()) for t in tensors.values()])
+        parts = [as_bytes(t.contiguous()) for t in tensors.values()]
+        size = sum(p.numel() for p in parts)
+        spare, self._spare = self._spare, None
+        flat = torch.empty(size, dtype=torch.uint8) if spare is None or spare.numel() != size \
+            else spare
+        torch.cat(parts, out=flat)
         snap = Snapshot(step=tr.step, rank=self.rank, flat=flat)
         self.marks[tr.step] = TrainerMark(
             step=tr.step, history_len=len(tr.history), eval_len=len(tr.eval_history),
@@ -102,6 +108,8 @@ class Buddy:
         received = self._pending.result(timeout=self.timeout)
         self._pending = None
         latest = self.own[-1]
+        if len(self.own) > 1:  # the shift that carried it has finished: reuse the buffer
+            self._spare = self.own[0].flat
         self.own = [latest]
         self.marks = {latest.step: self.marks[latest.step]}
         self.held = Snapshot(step=latest.step, rank=self.source, flat=received)
