@@ -89,11 +89,18 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path, baseline):
         coordinator, _ = start_coordinator(token=TOKEN, db=db, echo=False, port=port)
         supervise(workers, timeout=240)
         listed = httpx.get(f"{url}/workers", headers=headers, timeout=10).json()
+        telemetry = httpx.get(f"{url}/telemetry", params={"limit": 1000}, headers=headers,
+                              timeout=10).json()
     finally:
         kill_all(workers + [coordinator])
     statuses = {w["worker_id"]: w["status"] for w in listed}
     assert statuses == {"w0": "left", "w1": "left"}, listed
     res, weights = result(tmp_path)
+    # Per-step telemetry reached the coordinator (rows sent while it was down may be dropped).
+    for wid in ("w0", "w1"):
+        rows = [t["metrics"] for t in telemetry if t["worker_id"] == wid]
+        assert rows, f"no telemetry from {wid}"
+        assert all(r["loss"] == pytest.approx(res["losses"][int(r["step"])]) for r in rows), rows
     assert res["generation"] == 1, "training should not have restarted"
     assert res["losses"] == baseline[0]["losses"]
     assert all(torch.equal(weights[k], v) for k, v in baseline[1].items())

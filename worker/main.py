@@ -143,7 +143,8 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
         def on_step(st) -> None:
             membership.update_status(phase="train", step=st.step, loss=st.loss,
                                      tokens_per_s=st.tokens_per_s)
-            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
+            numbers = {k: int(v) if isinstance(v, bool) else v for k, v in st.to_dict().items()}
+            membership.report(**numbers, rank=gen.rank, generation=gen.generation)
 
         trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
                           world_size=gen.world_size, on_step=on_step)
