@@ -96,3 +96,14 @@ def test_two_workers_script_trains_and_matches_one_process():
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert summary["loss_last"] < summary["loss_first"]
     assert summary["max_param_diff_vs_single"] <= 1e-4
+
+
+@pytest.mark.timeout(240)
+def test_launch_workers_streams_rank_prefixed_output(tmp_path):
+    res = subprocess.run([sys.executable, "scripts/launch_workers.py", "--num-workers", "2", "--",
+                          *SMALL, "--steps", "2", "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name in ("coordinator", "w0", "w1"):
+        assert f"[{name}] " in res.stdout, f"no output prefixed [{name}]"
+    assert len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
