@@ -104,3 +104,29 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path, baseline):
     assert res["generation"] == 1, "training should not have restarted"
     assert res["losses"] == baseline[0]["losses"]
     assert all(torch.equal(weights[k], v) for k, v in baseline[1].items())
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_leaves_and_ends_the_generation(tmp_path):
+    coordinator, url = start_coordinator(token=TOKEN, echo=False)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    args = [a if a != str(STEPS) else "500" for a in ARGS]
+    workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, token=TOKEN,
+                                          extra=args), echo=False)[0] for i in range(2)]
+    try:
+        ready = httpx.get(f"{url}/training/ready", params={"min_workers": 2, "wait": 60},
+                          headers=headers, timeout=90).json()
+        assert ready["ready"], ready
+        workers[0].proc.send_signal(signal.SIGINT)
+        assert workers[0].proc.wait(timeout=30) == 130, "\n".join(workers[0].lines[-20:])
+        statuses = {w["worker_id"]: w["status"]
+                    for w in httpx.get(f"{url}/workers", headers=headers, timeout=10).json()}
+        assert statuses["w0"] == "left", statuses
+        # the generation ended with the leave: the next one holds the live worker only
+        nxt = httpx.get(f"{url}/training/ready", params={"min_workers": 1, "wait": 60,
+                                                        "after": ready["generation"]},
+                        headers=headers, timeout=90).json()
+        assert nxt["generation"] > ready["generation"]
+        assert [w["worker_id"] for w in nxt["workers"]] == ["w1"], nxt
+    finally:
+        kill_all(workers + [coordinator])

@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -129,6 +130,20 @@ def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0,
             child.thread.join(timeout=5)
 
 
+def stop_all(children: list[Child], *, grace: float = 10.0) -> None:
+    """SIGINT every child still running (workers leave the coordinator), SIGKILL after ``grace``."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
+    kill_all(children)
+
+
 def kill_all(children: list[Child]) -> None:
     """SIGKILL every child still running and reap it."""
     for child in children:
@@ -165,4 +180,5 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
         supervise(workers, timeout=timeout, max_restarts=max_restarts, respawn=respawn)
         return workers
     finally:
-        kill_all(workers + [coordinator])
+        stop_all(workers)
+        kill_all([coordinator])

@@ -201,6 +201,13 @@ def run_worker(cfg: WorkerConfig) -> int:
         membership.update_status(phase="done")
         membership.leave()
         return code
+    except KeyboardInterrupt:  # Ctrl-C: leave at once, so the others' generation ends cleanly
+        log.warning("%s interrupted; leaving", cfg.worker_id)
+        try:
+            membership.leave()
+        except Exception as exc:  # best effort: the heartbeat timeout covers it otherwise
+            log.warning("%s: could not leave: %s", cfg.worker_id, exc)
+        return 130
     finally:
         membership.close()
         if transport is not None:
