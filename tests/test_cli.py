@@ -34,6 +34,8 @@ def test_toml_options_with_flags_winning(tmp_path):
     assert (cfg.steps, cfg.backend, cfg.model.name) == (9, "torch", "tiny-llama")
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.max_grad_norm) == (0.25, "linear", None)
     assert cfg.lora.rank == 4 and cfg.lora.target_modules == ("q_proj", "v_proj")
+    flags = build_train_config(["--buddy", "--checkpoint-dir", str(tmp_path), "--prefetch", "off"])
+    assert flags.buddy is True and flags.prefetch is False and flags.resume is True
 
 
 @pytest.mark.parametrize("args, named", [

@@ -31,7 +31,7 @@ import torch
 
 from communication.codec import as_bytes
 from communication.collectives import Key, Phase
-from worker.checkpoint import _optimizer_meta, _rank_tensors
+from worker.checkpoint import optimizer_meta, rank_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TrainerMark:
     history_len: int
     eval_len: int
     scheduler: dict
-    optimizer: dict  # checkpoint._optimizer_meta: class, param groups (lr), state keys
+    optimizer: dict  # checkpoint.optimizer_meta: class, param groups (lr), state keys
 
 
 class Buddy:
@@ -83,7 +83,7 @@ class Buddy:
         """Pack this rank's state at the trainer's step count and start shifting it to r+1."""
         self.settle()  # normally already done before this step's update
         tr = self.trainer
-        tensors = _rank_tensors(self.engine, tr.optimizer, store_frozen=self.store_frozen)
+        tensors = rank_tensors(self.engine, tr.optimizer, store_frozen=self.store_frozen)
         self.layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
         parts = [as_bytes(t.contiguous()) for t in tensors.values()]
         size = sum(p.numel() for p in parts)
@@ -94,7 +94,7 @@ class Buddy:
         snap = Snapshot(step=tr.step, rank=self.rank, flat=flat)
         self.marks[tr.step] = TrainerMark(
             step=tr.step, history_len=len(tr.history), eval_len=len(tr.eval_history),
-            scheduler=tr.scheduler.state_dict(), optimizer=_optimizer_meta(self.engine, tr.optimizer))
+            scheduler=tr.scheduler.state_dict(), optimizer=optimizer_meta(self.engine, tr.optimizer))
         key = Key(generation=self.engine.generation, step=tr.step, unit=0, micro_batch=0,
                   phase=Phase.BUDDY)
         self._pending = self.coll.shift(key, flat)

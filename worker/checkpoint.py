@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "list_checkpoints", "format_checkpoints", "prune_checkpoints", "read_manifest"]
+           "list_checkpoints", "format_checkpoints", "prune_checkpoints", "read_manifest",
+           "rank_tensors", "write_rank_file", "build_manifest", "optimizer_meta", "write_latest"]
 
 
 def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, world_size: int,
@@ -65,8 +66,8 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
     tmp.mkdir(parents=True, exist_ok=True)
     store_frozen = getattr(config, "lora", None) is None
     t0 = time.perf_counter()
-    _write_rank_file(tmp / f"rank_{rank}.safetensors",
-                     _rank_tensors(engine, trainer.optimizer, store_frozen=store_frozen))
+    write_rank_file(tmp / f"rank_{rank}.safetensors",
+                     rank_tensors(engine, trainer.optimizer, store_frozen=store_frozen))
     maybe_die("checkpoint", step=step, rank=rank)
     _barrier(collectives, engine, step, 0)
     if rank == 0:
@@ -81,7 +82,7 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
                                       "barrier; the checkpoint directory must be shared by all "
                                       "ranks")
             files[f.name] = f.stat().st_size
-        manifest = _manifest(engine, trainer, config, world_size=world_size, files=files,
+        manifest = build_manifest(engine, trainer, config, world_size=world_size, files=files,
                              store_frozen=store_frozen, extra=extra)
         write_json_atomic(tmp / "manifest.json", manifest)
         fsync_dir(tmp)
@@ -141,7 +142,7 @@ def write_latest(root: Path, name: str) -> None:
 
 
 # --- saving -------------------------------------------------------------------------------
-def _rank_tensors(engine, optimizer, *, store_frozen: bool) -> dict[str, torch.Tensor]:
+def rank_tensors(engine, optimizer, *, store_frozen: bool) -> dict[str, torch.Tensor]:
     """This rank's slices, optimizer state and RNG, as named CPU tensors."""
     out: dict[str, torch.Tensor] = {}
     for unit in engine.units:
@@ -161,7 +162,7 @@ def _rank_tensors(engine, optimizer, *, store_frozen: bool) -> dict[str, torch.T
     return out
 
 
-def _write_rank_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_rank_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors to ``<path>.part``, fsync, rename: a reader never sees half a file."""
     part = path.with_name(path.name + ".part")
     save_file(tensors, str(part), metadata={"format": "pt"})
@@ -181,7 +182,7 @@ def _barrier(collectives, engine, step: int, which: int) -> None:
     collectives.barrier(key).result(timeout=engine.config.timeout)
 
 
-def _optimizer_meta(engine, optimizer) -> dict:
+def optimizer_meta(engine, optimizer) -> dict:
     """Optimizer class, hyper-parameters, and which state keys are slices or scalars."""
     sliced, scalars = [], []
     for unit in engine.units:
@@ -208,7 +209,7 @@ def _model_meta(model, config) -> dict:
     return meta
 
 
-def _manifest(engine, trainer, config, *, world_size: int, files: dict, store_frozen: bool,
+def build_manifest(engine, trainer, config, *, world_size: int, files: dict, store_frozen: bool,
               extra: dict | None) -> dict:
     step = trainer.step
     history = [s.to_dict() for s in trainer.history]
@@ -227,7 +228,7 @@ def _manifest(engine, trainer, config, *, world_size: int, files: dict, store_fr
         "layouts": [layout.to_dict() for layout in engine.layouts],
         "frozen_stored": store_frozen,
         "compute_dtype": str(engine.config.compute_dtype).removeprefix("torch."),
-        "optimizer": _optimizer_meta(engine, trainer.optimizer),
+        "optimizer": optimizer_meta(engine, trainer.optimizer),
         "scheduler": trainer.scheduler.state_dict(),
         "config": config.to_dict(),
         "model": _model_meta(engine.model, config),

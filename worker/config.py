@@ -45,6 +45,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True  # load the latest complete checkpoint in checkpoint_dir, if any
     buddy: bool = False  # replicate owned state on rank r+1 after every step (worker/buddy.py)
+    prefetch: bool = True  # gather the next unit while this one computes (two units alive)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -87,7 +87,7 @@ def shard(train: TrainConfig, model, collectives: Collectives, generation: int) 
     return shard_model(model, collectives=collectives,
                        config=ShardConfig(generation=generation, timeout=train.timeout,
                                           compute_dtype=DTYPES[train.mixed_precision],
-                                          device=device),
+                                          device=device, prefetch=train.prefetch),
                        block_names=blocks)
 
 

@@ -81,6 +81,8 @@ OPTIONS: list[Opt] = [
     Opt("--checkpoint-every", "checkpoint_every", int, "checkpoint every K steps (and at the end)"),
     Opt("--keep-last", "keep_last", int, "checkpoints kept (plus the best by eval loss)"),
     Opt("--resume", "resume", _bool, "resume from the latest checkpoint when there is one"),
+    Opt("--prefetch", "prefetch", _bool, "gather the next unit during this one's compute "
+        "(false: less memory)"),
     Opt("--buddy", "buddy", _bool, "true: keep a replica of each rank's shard on the next rank, "
         "so a lost worker loses no step"),
 ]
@@ -92,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", type=str, help="TOML file of these options")
     for o in OPTIONS:
+        if o.type is _bool:  # "--resume" alone means true; "--resume false" turns it off
+            ap.add_argument(o.flag, type=_bool, nargs="?", const=True, help=o.help,
+                            metavar="BOOL")
+            continue
         ap.add_argument(o.flag, type=o.type, help=o.help, metavar=o.type.__name__.upper()
                         if o.type in (int, float, str) else "VALUE")
     return ap

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from communication.collectives import Key, Phase
-from worker.checkpoint import _manifest, _write_rank_file, write_latest
+from worker.checkpoint import build_manifest, write_latest, write_rank_file
 from worker.checkpoint_files import (
     STEP_DIR,
     CheckpointError,
@@ -62,7 +62,7 @@ def write_rescue(buddy, root: str | Path) -> list[Path]:
             d = base / f"step_{snap.step}"
             d.mkdir(parents=True, exist_ok=True)
             path = d / f"rank_{snap.rank}.safetensors"
-            _write_rank_file(path, buddy.unpack(snap))
+            write_rank_file(path, buddy.unpack(snap))
             written.append(path)
         for snap in own:
             mark = buddy.marks[snap.step]
@@ -70,7 +70,7 @@ def write_rescue(buddy, root: str | Path) -> list[Path]:
                                    eval_history=tr.eval_history[:mark.eval_len], data=tr.data,
                                    scheduler=_SavedScheduler(mark.scheduler),
                                    optimizer=tr.optimizer)
-            manifest = _manifest(engine, view, tr.config, world_size=buddy.world_size, files={},
+            manifest = build_manifest(engine, view, tr.config, world_size=buddy.world_size, files={},
                                  store_frozen=buddy.store_frozen,
                                  extra={"rescued": {"generation": engine.generation}})
             manifest["optimizer"] = mark.optimizer
