@@ -159,7 +159,8 @@ class Trainer:
                 self.on_step(st)
             last = self.step == self.config.steps
             if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
-                log.info("step %d eval loss %.4f", self.step, self.evaluate())
+                log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "step %d eval loss %.4f",
+                        self.step, self.evaluate())
             if self.buddy:
                 self.buddy.after_step()
             if self._checkpoint_due():
