@@ -20,25 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-WAIT = timedelta(seconds=120)
+from bench_common import WAIT, build_gpt2, random_rows  # noqa: E402
 
 
 def build(args):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=257, n_positions=args.seq_len, n_embd=args.hidden,
-                     n_layer=args.layers, n_head=max(args.hidden // 64, 1), resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
+    return build_gpt2(layers=args.layers, hidden=args.hidden, seq_len=args.seq_len)
 
 
 class RandomTokens:
@@ -48,11 +40,8 @@ class RandomTokens:
         self.args = args
 
     def rank_batch(self, *, step, micro_batch, grad_accum, micro_batch_rows, rank, world_size):
-        g = torch.Generator().manual_seed(1000 + step)
-        ids = torch.randint(0, 257, (micro_batch_rows, self.args.seq_len), generator=g)
-        b = micro_batch_rows // world_size
-        ids = ids[rank * b:(rank + 1) * b]
-        return {"input_ids": ids, "labels": ids}
+        return random_rows(step=step, rows=micro_batch_rows, seq_len=self.args.seq_len,
+                           rank=rank, world=world_size)
 
 
 class Timed:

@@ -16,33 +16,21 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-WAIT = timedelta(seconds=120)
+from bench_common import WAIT, build_gpt2, random_rows  # noqa: E402
 
 
 def build(args):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=257, n_positions=args.seq_len, n_embd=args.hidden,
-                     n_layer=args.layers, n_head=max(args.hidden // 64, 1), resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
+    return build_gpt2(layers=args.layers, hidden=args.hidden, seq_len=args.seq_len)
 
 
 def batch(args, step: int, rank: int, world: int) -> dict:
-    g = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, 257, (args.rows, args.seq_len), generator=g)
-    b = args.rows // world
-    ids = ids[rank * b : (rank + 1) * b]
-    return {"input_ids": ids, "labels": ids}
+    return random_rows(step=step, rows=args.rows, seq_len=args.seq_len, rank=rank, world=world)
 
 
 def worker(args) -> None:
