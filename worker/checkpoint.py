@@ -38,7 +38,7 @@ from worker.checkpoint_files import (
     read_manifest,
     write_json_atomic,
 )
-from worker.faults import maybe_die
+from worker.faults import Fault, maybe_die
 from worker.sharding import FlatLayout, check_layouts, owned_range
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
     t0 = time.perf_counter()
     write_rank_file(tmp / f"rank_{rank}.safetensors",
                      rank_tensors(engine, trainer.optimizer, store_frozen=store_frozen))
-    maybe_die("checkpoint", step=step, rank=rank)
+    maybe_die(Fault.CHECKPOINT, step=step, rank=rank)
     _barrier(collectives, engine, step, 0)
     if rank == 0:
         for stale in tmp.glob("rank_*.safetensors"):  # from an earlier try at another size

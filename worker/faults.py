@@ -9,13 +9,25 @@ dying, so a restarted worker with the same environment is not killed again.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
 
 log = logging.getLogger(__name__)
 
-PHASES = ("gather", "forward", "backward", "reduce_scatter", "optimizer", "checkpoint")
+class Fault(enum.Enum):
+    """Where in a step a worker can be killed; the value is its name in ZEROP2P_FAULT."""
+
+    GATHER = "gather"  # a unit's all-gather is being issued
+    FORWARD = "forward"  # a unit's forward is about to run
+    BACKWARD = "backward"  # a unit's backward is about to run
+    REDUCE_SCATTER = "reduce_scatter"  # a unit's gradient is about to be reduce-scattered
+    OPTIMIZER = "optimizer"  # the owned slices are about to be updated
+    CHECKPOINT = "checkpoint"  # this rank's file is written, the checkpoint not yet published
+
+
+PHASES = tuple(f.value for f in Fault)
 
 
 def parse(spec: str | None) -> list[tuple[str, int, int]] | None:
@@ -37,10 +49,11 @@ def parse(spec: str | None) -> list[tuple[str, int, int]] | None:
 ARMED = parse(os.environ.get("ZEROP2P_FAULT"))
 
 
-def maybe_die(phase: str, *, step: int, rank: int) -> None:
-    """SIGKILL ourselves if an armed fault matches (phase, step, rank)."""
-    if ARMED is None or (phase, step, rank) not in ARMED:
+def maybe_die(fault: Fault, *, step: int, rank: int) -> None:
+    """SIGKILL ourselves if an armed fault matches (fault, step, rank)."""
+    if ARMED is None or (fault.value, step, rank) not in ARMED:
         return
+    phase = fault.value
     mark = os.environ.get("ZEROP2P_FAULT_MARK")
     if mark:
         try:

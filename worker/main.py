@@ -14,6 +14,7 @@ import torch
 
 from communication.collectives import CollectiveError, Collectives
 from worker.config import TrainConfig
+from worker.logs import set_rank
 from worker.zero3 import ShardConfig, Zero3Engine, shard_model
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ def run_worker(cfg: WorkerConfig) -> int:
         data, _ = build_data_and_model(cfg.train, model=False)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
         for attempt in range(cfg.max_recoveries + 1):
+            set_rank(gen.rank)
             log.info("%s in generation %d as rank %d of %d", cfg.worker_id, gen.generation,
                      gen.rank, gen.world_size)
             try:

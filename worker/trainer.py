@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from worker.config import TrainConfig
-from worker.faults import maybe_die
+from worker.faults import Fault, maybe_die
 from worker.optim import build_optimizer, build_scheduler
 from worker.zero3 import Zero3Engine
 
@@ -109,7 +109,7 @@ class Trainer:
         if skipped:
             log.warning("step %d: gradient norm %s is not finite; skipping the update", self.step, norm)
         else:
-            maybe_die("optimizer", step=self.step, rank=self.rank)
+            maybe_die(Fault.OPTIMIZER, step=self.step, rank=self.rank)
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

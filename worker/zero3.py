@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from communication.collectives import Collectives, Key, Phase
-from worker.faults import maybe_die
+from worker.faults import Fault, maybe_die
 from worker.sharding import FlatLayout, build_layout, discover_units
 from worker.unit import ShardedUnit, UnitState
 
@@ -196,14 +196,14 @@ class Zero3Engine:
                    micro_batch=self._forward_index, phase=phase)
 
     def _gather(self, unit: ShardedUnit, phase: Phase) -> None:
-        maybe_die("gather", step=self.step_index, rank=self.coll.rank)
+        maybe_die(Fault.GATHER, step=self.step_index, rank=self.coll.rank)
         if unit.state is UnitState.SHARDED:
             self.collective_counts[phase] += 1
             unit.begin_gather(self.coll, self._key(phase, unit.layout.unit))
 
     def _make_pre_forward(self, unit: ShardedUnit):
         def hook(module, args):
-            maybe_die("forward", step=self.step_index, rank=self.coll.rank)
+            maybe_die(Fault.FORWARD, step=self.step_index, rank=self.coll.rank)
             self._gather(unit, Phase.GATHER_FORWARD)
             nxt = unit.layout.unit + 1
             if self.config.prefetch and nxt < len(self.units):
@@ -226,7 +226,7 @@ class Zero3Engine:
 
     def _make_pre_backward(self, unit: ShardedUnit):
         def hook(grad):
-            maybe_die("backward", step=self.step_index, rank=self.coll.rank)
+            maybe_die(Fault.BACKWARD, step=self.step_index, rank=self.coll.rank)
             self._free_deferred(after=unit.layout.unit)
             if unit.state is not UnitState.UNSHARDED and not self._reduced[unit.layout.unit]:
                 self._gather(unit, Phase.GATHER_BACKWARD)
@@ -260,7 +260,7 @@ class Zero3Engine:
         still read frozen ones (a LoRA base layer's input grad), so a unit holding any is freed
         later: when the previous unit's output grad is ready, which needs this unit's backward.
         """
-        maybe_die("reduce_scatter", step=self.step_index, rank=self.coll.rank)
+        maybe_die(Fault.REDUCE_SCATTER, step=self.step_index, rank=self.coll.rank)
         flat = unit.take_flat_grad()
         self._reduced[unit.layout.unit] = True
         if unit.state is UnitState.UNSHARDED:
