@@ -111,7 +111,7 @@ class Trainer:
         else:
             maybe_die(Fault.OPTIMIZER, step=self.step, rank=self.rank)
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()  # a skipped step does not advance the schedule (as HF does)
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.end_step()
         seconds = time.perf_counter() - t0
