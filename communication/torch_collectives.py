@@ -89,8 +89,12 @@ class TorchCollectives:
         if self._closed:
             fut.set_exception(CollectiveError(f"{op} {key}: collectives closed", rank=self.rank))
             return fut
-        with self._lock:
-            work, finish = start()
+        try:
+            with self._lock:
+                work, finish = start()
+        except Exception as exc:  # gloo can refuse at once (a peer already gone): same contract
+            fut.set_exception(self._error(op, key, exc))
+            return fut
 
         def wait() -> None:
             # Not every gloo op implements Work.get_future, so one FIFO thread waits instead.
