@@ -17,7 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.launcher import kill_all, spawn, start_coordinator, supervise, worker_argv  # noqa: E402
+from worker.launcher import (  # noqa: E402
+    kill_all,
+    spawn,
+    start_coordinator,
+    stop_all,
+    supervise,
+    worker_argv,
+)
 
 
 def visible_gpus() -> list[str]:
@@ -54,26 +61,22 @@ def main() -> int:
         url = args.coordinator
         if url is None:
             coordinator, url = start_coordinator(token=args.token)
-        argvs, envs = {}, {}
         for i in range(n):
-            name = f"w{i}"
-            extra = list(worker_args)
-            envs[name] = {}
+            extra, env = list(worker_args), {}
             if gpus:  # each worker sees one GPU as cuda:0
-                envs[name]["CUDA_VISIBLE_DEVICES"] = gpus[i]
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i]
                 extra = ["--device", "cuda:0", *extra]
-            argvs[name] = worker_argv(url, worker_id=name, min_workers=args.min_workers or n,
-                                      token=args.token, extra=extra)
-            children.append(spawn(name, argvs[name], env=envs[name])[0])
-        supervise(children, timeout=args.timeout, max_restarts=args.max_restarts,
-                  respawn=lambda c: spawn(c.name, argvs[c.name], env=envs[c.name],
-                                                 history=c.lines)[0])
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=args.min_workers or n,
+                               token=args.token, extra=extra)
+            children.append(spawn(f"w{i}", argv, env=env)[0])
+        supervise(children, timeout=args.timeout, max_restarts=args.max_restarts)
         return 0
     except (RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        kill_all(children + ([coordinator] if coordinator else []))
+        stop_all(children)  # SIGINT first: workers leave the coordinator
+        kill_all([coordinator] if coordinator else [])
 
 
 if __name__ == "__main__":

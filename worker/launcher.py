@@ -28,7 +28,10 @@ class Child:
 
     name: str
     proc: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
+    argv: list[str]  # how it was started: a restart runs the same command
+    env: dict | None = None
+    echo: bool = True
+    lines: list[str] = field(default_factory=list)  # kept across restarts
     thread: threading.Thread | None = None
 
 
@@ -54,7 +57,8 @@ def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = T
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env, start_new_session=True)
-    child = Child(name=name, proc=proc, lines=history if history is not None else [])
+    child = Child(name=name, proc=proc, argv=argv, env=env, echo=echo,
+                  lines=history if history is not None else [])
     found: dict = {}
     event = threading.Event()
     child.thread = threading.Thread(target=_pump, args=(child, echo, wait_for, found, event),
@@ -88,11 +92,15 @@ def worker_argv(url: str, *, worker_id: str, min_workers: int, token: str | None
     return argv + extra
 
 
-def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0,
-              respawn=None) -> None:
-    """Wait until every child exits 0. A child that fails is started again by ``respawn(child)``
-    (same name and arguments) up to ``max_restarts`` times in all; past that, or at the
-    deadline, every child is killed and the failing one named."""
+def restart(child: Child) -> Child:
+    """The same command again under the same name; its output continues the old lines."""
+    return spawn(child.name, child.argv, env=child.env, echo=child.echo, history=child.lines)[0]
+
+
+def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0) -> None:
+    """Wait until every child exits 0. A child that fails is restarted (same command) up to
+    ``max_restarts`` times in all; past that, or at the deadline, every child is killed and the
+    failing one named. ``children`` is updated in place with the restarted processes."""
     exits: queue.Queue[Child] = queue.Queue()
 
     def watch(c: Child) -> None:
@@ -112,11 +120,11 @@ def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0,
         if child.proc.returncode == 0:
             pending.discard(child.name)
             continue
-        if respawn is not None and restarts < max_restarts:
+        if restarts < max_restarts:
             restarts += 1
             log.warning("%s exited with code %d; restarting it (%d of %d)", child.name,
                         child.proc.returncode, restarts, max_restarts)
-            fresh = respawn(child)
+            fresh = restart(child)
             children[children.index(child)] = fresh
             watch(fresh)
             continue
@@ -166,18 +174,12 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
     """
     coordinator, url = start_coordinator(token=token, echo=echo)
     workers: list[Child] = []
-    argvs: dict[str, list[str]] = {}
-
-    def respawn(old: Child) -> Child:
-        return spawn(old.name, argvs[old.name], env=worker_env, echo=echo, history=old.lines)[0]
-
     try:
         for i in range(world_size):
-            name = f"w{i}"
-            argvs[name] = worker_argv(url, worker_id=name, min_workers=world_size, token=token,
-                                      extra=worker_args)
-            workers.append(spawn(name, argvs[name], env=worker_env, echo=echo)[0])
-        supervise(workers, timeout=timeout, max_restarts=max_restarts, respawn=respawn)
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size, token=token,
+                               extra=worker_args)
+            workers.append(spawn(f"w{i}", argv, env=worker_env, echo=echo)[0])
+        supervise(workers, timeout=timeout, max_restarts=max_restarts)
         return workers
     finally:
         stop_all(workers)
