@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from bench_common import WAIT, build_gpt2, random_rows  # noqa: E402
+from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows  # noqa: E402
 
 
 def build(args):
@@ -59,7 +59,6 @@ class Timed:
 
 
 def worker(args) -> None:
-    from communication.grpc_collectives import GrpcTransport
     from worker.config import TrainConfig
     from worker.trainer import Trainer
     from worker.zero3 import ShardConfig, shard_model
@@ -67,21 +66,16 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     rank, world = args.rank, args.world_size
     store = dist.TCPStore("127.0.0.1", args.store_port, is_master=False, timeout=WAIT)
-    transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
-    store.set(f"addr/{rank}", f"127.0.0.1:{transport.port}")
-    store.wait([f"addr/{r}" for r in range(world)], WAIT)
-    peers = [store.get(f"addr/{r}").decode() for r in range(world)]
-    coll = transport.collectives(rank=rank, world_size=world, peers=peers, generation=1,
-                                 timeout=120.0)
+    transport, coll = grpc_rendezvous(store, rank=rank, world=world)
     model = build(args)
     engine = shard_model(model, collectives=coll, config=ShardConfig(generation=1),
                          block_names=[f"transformer.h.{i}" for i in range(args.layers)])
     total = args.warmup + 2 * args.rounds * args.block
-    with tempfile.TemporaryDirectory() as ckpt:
-        config = TrainConfig(steps=total, micro_batch_rows=args.rows, buddy=True,
-                             checkpoint_dir=ckpt)
-        trainer = Trainer(config, engine=engine, data=RandomTokens(args), rank=rank,
-                          world_size=world)
+    ckpt = tempfile.TemporaryDirectory()  # lives until the end: the trainer may write there
+    config = TrainConfig(steps=total, micro_batch_rows=args.rows, buddy=True,
+                         checkpoint_dir=ckpt.name)
+    trainer = Trainer(config, engine=engine, data=RandomTokens(args), rank=rank,
+                      world_size=world)
     buddy = trainer.buddy
     buddy.settle = settle = Timed(buddy.settle)
     buddy.after_step = after = Timed(buddy.after_step)
@@ -106,6 +100,7 @@ def worker(args) -> None:
             times[on].append(elapsed)
     if schedule[-1]:
         buddy.settle()
+    ckpt.cleanup()
     owned = sum(u.st for u in engine.units)
     result = {"rank": rank, "world_size": world, "n_params": sum(u.layout.trainable_numel
                                                                   for u in engine.units),

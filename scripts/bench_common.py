@@ -26,3 +26,19 @@ def random_rows(*, step: int, rows: int, seq_len: int, rank: int, world: int) ->
     b = rows // world
     ids = ids[rank * b : (rank + 1) * b]
     return {"input_ids": ids, "labels": ids}
+
+
+def grpc_rendezvous(store, *, rank: int, world: int, timeout: float = 120.0):
+    """Our gRPC transport on a free port, peers' addresses swapped through the TCPStore, and a
+    ready barrier so nobody sends before every rank has bound generation 1."""
+    from communication.grpc_collectives import GrpcTransport
+
+    transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
+    store.set(f"addr/{rank}", f"127.0.0.1:{transport.port}")
+    store.wait([f"addr/{r}" for r in range(world)], WAIT)
+    peers = [store.get(f"addr/{r}").decode() for r in range(world)]
+    coll = transport.collectives(rank=rank, world_size=world, peers=peers, generation=1,
+                                 timeout=timeout)
+    store.set(f"ready/{rank}", "1")
+    store.wait([f"ready/{r}" for r in range(world)], WAIT)
+    return transport, coll

@@ -65,7 +65,9 @@ def main() -> int:
     evs = sorted(e for w in workers for e in events(w.lines))
     rows = []
     for phase, step, rank in plan:
-        kill = next(e for e in evs if e[1] == "kill" and e[2].group(1) == phase)
+        kill = next((e for e in evs if e[1] == "kill" and e[2].group(1) == phase), None)
+        if kill is None:
+            raise RuntimeError(f"no worker logged the {phase} fault (step {step}, rank {rank})")
         after = [e for e in evs if e[0] >= kill[0]]
         detect = next((e for e in after if e[1] == "lost"), None)
         resumed = [e for e in after if e[1] == "resumed"][:n]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from bench_common import WAIT, build_gpt2, random_rows  # noqa: E402
+from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows  # noqa: E402
 
 
 def build(args):
@@ -44,16 +44,7 @@ def worker(args) -> None:
         from worker.zero3 import ShardConfig, shard_model
 
         if args.mode == "grpc":
-            from communication.grpc_collectives import GrpcTransport
-
-            transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
-            store.set(f"addr/{rank}", f"127.0.0.1:{transport.port}")
-            store.wait([f"addr/{r}" for r in range(world)], WAIT)
-            peers = [store.get(f"addr/{r}").decode() for r in range(world)]
-            coll = transport.collectives(rank=rank, world_size=world, peers=peers, generation=1,
-                                         timeout=120.0)
-            store.set(f"ready/{rank}", "1")
-            store.wait([f"ready/{r}" for r in range(world)], WAIT)
+            transport, coll = grpc_rendezvous(store, rank=rank, world=world)
         else:
             from communication.torch_collectives import TorchCollectives
 
