@@ -65,8 +65,7 @@ class Barrier:
                 generation=gen.generation if gen else None,
                 workers=[PeerOut(worker_id=w.worker_id, ip_address=w.ip_address, port=w.port,
                                  rank=None) for w in alive])
-        members = [PeerOut(worker_id=m.worker_id, ip_address=m.ip_address, port=m.port,
-                           rank=m.rank) for m in gen.members]
+        members = [PeerOut.model_validate(m) for m in gen.members]
         return ReadyResponse(ready=worker_id is None or gen.has(worker_id),
                              active_workers=len(alive), min_workers=min_workers,
                              generation=gen.generation, workers=members)

@@ -95,7 +95,9 @@ class TelemetryRequest(BaseModel):
 
 
 class WorkerOut(BaseModel):
-    """One row of ``GET /workers``."""
+    """One row of ``GET /workers``, read straight off the store's WorkerRow."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     worker_id: str
     ip_address: str
@@ -113,6 +115,8 @@ class WorkerOut(BaseModel):
 
 class PeerOut(BaseModel):
     """A worker as the barrier reports it; ``rank`` is None until it is in a generation."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     worker_id: str
     ip_address: str

@@ -29,5 +29,4 @@ async def generation(coord: CoordinatorDep) -> dict:
     gen = coord.store.current_generation()
     return {"generation": gen.generation if gen else None,
             "last_generation": coord.store.last_generation(),
-            "workers": [PeerOut(worker_id=m.worker_id, ip_address=m.ip_address, port=m.port,
-                                rank=m.rank) for m in gen.members] if gen else []}
+            "workers": [PeerOut.model_validate(m) for m in gen.members] if gen else []}

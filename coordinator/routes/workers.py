@@ -39,8 +39,4 @@ async def leave(worker_id: WorkerIdPath, coord: CoordinatorDep) -> Message:
 @router.get("")
 async def workers(coord: CoordinatorDep) -> list[WorkerOut]:
     """Every worker ever registered, with status, last heartbeat and address."""
-    return [WorkerOut(worker_id=w.worker_id, ip_address=w.ip_address, port=w.port,
-                      device=w.device, status=w.status, registered_at=w.registered_at,
-                      last_heartbeat=w.last_heartbeat, phase=w.phase, step=w.step, loss=w.loss,
-                      tokens_per_s=w.tokens_per_s, info=w.info)
-            for w in coord.store.workers()]
+    return [WorkerOut.model_validate(w) for w in coord.store.workers()]
