@@ -60,11 +60,15 @@ class Coordinator:
         self._notify()
         return known
 
-    def _alive(self, worker_id: str) -> WorkerRow:
+    def _known(self, worker_id: str) -> WorkerRow:
         worker = self.store.worker(worker_id)
         if worker is None:
             raise Refusal(404, f"unknown worker {worker_id!r}: register first "
                                "(POST /workers/register)")
+        return worker
+
+    def _alive(self, worker_id: str) -> WorkerRow:
+        worker = self._known(worker_id)
         if worker.status != "alive":
             raise Refusal(409, f"worker {worker_id!r} is {worker.status}: register again "
                                "(POST /workers/register) to rejoin")
@@ -78,9 +82,7 @@ class Coordinator:
 
     def leave(self, worker_id: str) -> None:
         """A graceful departure; a member leaving ends its generation."""
-        worker = self.store.worker(worker_id)
-        if worker is None:
-            raise Refusal(404, f"unknown worker {worker_id!r}: nothing to leave")
+        self._known(worker_id)
         self.store.set_status(worker_id, "left")
         log.info("%s left", worker_id)
         self._end_if_member(worker_id, f"{worker_id} left")
@@ -100,9 +102,7 @@ class Coordinator:
 
     def telemetry(self, worker_id: str, metrics: dict[str, Any]) -> None:
         """Append one telemetry row for a known worker."""
-        if self.store.worker(worker_id) is None:
-            raise Refusal(404, f"unknown worker {worker_id!r}: register first "
-                               "(POST /workers/register)")
+        self._known(worker_id)
         self.store.add_telemetry(worker_id, ts=time.time(), metrics=metrics,
                                  keep=TELEMETRY_ROWS_PER_WORKER)
         progress = {k: metrics.get(k) for k in ("step", "loss", "tokens_per_s")}

@@ -26,7 +26,6 @@ class HeartbeatTask:
         self.jitter = jitter
         self.sent = 0
         self._status: dict[str, Any] = {}
-        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def update(self, **status: Any) -> None:
@@ -35,12 +34,10 @@ class HeartbeatTask:
 
     def start(self) -> None:
         if self._task is None:
-            self._stop.clear()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
 
     async def stop(self) -> None:
-        """Stop now, abandoning a heartbeat in flight."""
-        self._stop.set()
+        """Stop now (cancel: the task wakes at once), abandoning a heartbeat in flight."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -49,7 +46,7 @@ class HeartbeatTask:
 
     async def _run(self) -> None:
         failing = False
-        while not self._stop.is_set():
+        while True:
             try:
                 await self.client.heartbeat(**self._status)
                 self.sent += 1
@@ -61,5 +58,4 @@ class HeartbeatTask:
                     log.warning("%s: heartbeat failed: %s", self.client.worker_id, exc)
                 failing = True
             delay = self.interval * random.uniform(1 - self.jitter, 1 + self.jitter)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            await asyncio.sleep(delay)  # the beat's period; stop() cancels it
