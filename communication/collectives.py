@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -92,3 +93,13 @@ def completed(value: object) -> Future:
     fut: Future = Future()
     fut.set_result(value)
     return fut
+
+
+def result(fut: Future, *, key: Key, rank: int, timeout: float):
+    """``fut``'s result; past ``timeout`` a CollectiveError naming the key and our rank (a bare
+    ``concurrent.futures.TimeoutError`` says neither). The transports' own deadlines usually fire
+    first, naming the lost peer; this is the backstop."""
+    try:
+        return fut.result(timeout=timeout)
+    except FutureTimeout:
+        raise CollectiveError(f"{key} on rank {rank}: no result within {timeout}s") from None

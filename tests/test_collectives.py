@@ -132,3 +132,16 @@ def test_killed_peer_fails_every_survivor_naming_it(backend, op, tmp_path):
             assert report["address"] == published[victim]
     # Startup of three interpreters dominates; the failure itself must come within the deadline.
     assert elapsed < deadline + 30, elapsed
+
+
+def test_result_past_its_deadline_names_the_key_and_rank():
+    from concurrent.futures import Future
+
+    from communication.collectives import CollectiveError, Key, Phase, result
+
+    key = Key(generation=3, step=7, unit=2, micro_batch=0, phase=Phase.REDUCE_SCATTER)
+    with pytest.raises(CollectiveError, match=r"g3/s7/u2/m0/reduce_scatter on rank 1: no result"):
+        result(Future(), key=key, rank=1, timeout=0.05)
+    done: Future = Future()
+    done.set_result(5)
+    assert result(done, key=key, rank=1, timeout=0.05) == 5

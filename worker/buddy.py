@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from communication.codec import as_bytes
-from communication.collectives import Key, Phase
+from communication.collectives import Key, Phase, result
 from worker.checkpoint import optimizer_meta, rank_tensors
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Buddy:
         self.held: Snapshot | None = None  # the settled buddy copy of rank r-1
         self.bytes_sent = 0
         self._pending: Future | None = None
+        self._pending_key: Key | None = None
         self._spare: torch.Tensor | None = None  # a dropped snapshot's buffer, packed into next
 
     @property
@@ -97,7 +98,7 @@ class Buddy:
             scheduler=tr.scheduler.state_dict(), optimizer=optimizer_meta(self.engine, tr.optimizer))
         key = Key(generation=self.engine.generation, step=tr.step, unit=0, micro_batch=0,
                   phase=Phase.BUDDY)
-        self._pending = self.coll.shift(key, flat)
+        self._pending, self._pending_key = self.coll.shift(key, flat), key
         self.own.append(snap)
         self.bytes_sent += flat.numel()
 
@@ -105,7 +106,8 @@ class Buddy:
         """Wait for the shift in flight; then drop the snapshots it supersedes."""
         if self._pending is None:
             return
-        received = self._pending.result(timeout=self.timeout)
+        received = result(self._pending, key=self._pending_key, rank=self.coll.rank,
+                          timeout=self.timeout)
         self._pending = None
         latest = self.own[-1]
         if len(self.own) > 1:  # the shift that carried it has finished: reuse the buffer

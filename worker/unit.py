@@ -15,7 +15,7 @@ from concurrent.futures import Future
 import torch
 from torch import nn
 
-from communication.collectives import Collectives, Key
+from communication.collectives import Collectives, Key, result
 from worker.sharding import FlatLayout, flatten_params, owned_range
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class ShardedUnit:
             return
         if self.state is UnitState.SHARDED:
             raise RuntimeError(f"unit {self.layout.unit}: wait_gathered before begin_gather")
-        gathered = self._gather.result(timeout=timeout)
+        gathered = result(self._gather, key=self._gather_key, rank=self.rank, timeout=timeout)
         self._gather = None
         expected = self.world_size * (self.st + self.sf)
         if gathered.numel() != expected:

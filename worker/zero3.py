@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from communication.collectives import Collectives, Key, Phase
+from communication.collectives import Collectives, Key, Phase, result
 from worker.faults import Fault, maybe_die
 from worker.sharding import FlatLayout, build_layout, discover_units
 from worker.unit import ShardedUnit, UnitState
@@ -80,7 +80,7 @@ class Zero3Engine:
         self.phase = EnginePhase.IDLE
         self._forward_index = 0  # forwards run in this step: the Key's micro_batch
         self._reduce_index = 0  # all-reduces run in this step: the Key's unit
-        self._pending: list[tuple[ShardedUnit, Future]] = []
+        self._pending: list[tuple[ShardedUnit, Key, Future]] = []
         self._grads_seen = [0] * len(units)
         self._reduced = [False] * len(units)
         self._deferred_free: list[ShardedUnit] = []  # reduced units autograd may still read
@@ -129,7 +129,7 @@ class Zero3Engine:
         self._reduce_index += 1
         self.collective_counts[Phase.ALL_REDUCE] += 1
         fut = self.coll.all_reduce(key, values.to(torch.float32).reshape(-1))
-        return fut.result(timeout=self.config.timeout).cpu()
+        return self._result(fut, key).cpu()
 
     def clip_grad_norm(self, max_norm: float | None,
                        extra: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
@@ -161,7 +161,7 @@ class Zero3Engine:
             shard = torch.cat([unit.master.detach().float(), unit.frozen.float()])
             key = self._key(Phase.GATHER_FORWARD, unit.layout.unit)
             self.collective_counts[Phase.GATHER_FORWARD] += 1
-            rows = self.coll.all_gather(key, shard).result(timeout=self.config.timeout)
+            rows = self._result(self.coll.all_gather(key, shard), key)
             rows = rows.view(self.coll.world_size, unit.st + unit.sf).cpu()
             train = rows[:, : unit.st].reshape(-1)
             frozen = rows[:, unit.st :].reshape(-1)
@@ -269,15 +269,18 @@ class Zero3Engine:
             else:
                 unit.free()
         self.collective_counts[Phase.REDUCE_SCATTER] += 1
-        fut = self.coll.reduce_scatter(self._key(Phase.REDUCE_SCATTER, unit.layout.unit), flat)
-        self._pending.append((unit, fut))
+        key = self._key(Phase.REDUCE_SCATTER, unit.layout.unit)
+        self._pending.append((unit, key, self.coll.reduce_scatter(key, flat)))
 
     def _drain(self) -> None:
         """Wait for every reduce-scatter of this backward and add the mean into owned grads."""
         pending, self._pending = self._pending, []
         scale = 1.0 / self.coll.world_size
-        for unit, fut in pending:
-            unit.add_owned_grad(fut.result(timeout=self.config.timeout), scale)
+        for unit, key, fut in pending:
+            unit.add_owned_grad(self._result(fut, key), scale)
+
+    def _result(self, fut: Future, key: Key):
+        return result(fut, key=key, rank=self.coll.rank, timeout=self.config.timeout)
 
     def _free_deferred(self, *, after: int) -> None:
         """Free reduced units later than unit ``after``: their backward has finished."""
