@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from communication.collectives import Key, Phase
+from communication.collectives import Key, Phase, result
 from worker.checkpoint_files import (
     CheckpointError,
     RankFiles,
@@ -47,7 +47,8 @@ FORMAT = 1
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "list_checkpoints", "format_checkpoints", "prune_checkpoints", "read_manifest",
-           "rank_tensors", "write_rank_file", "build_manifest", "optimizer_meta", "write_latest"]
+           "rank_tensors", "write_rank_file", "build_manifest", "optimizer_meta", "write_latest",
+           "barrier"]
 
 
 def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, world_size: int,
@@ -69,7 +70,8 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
     write_rank_file(tmp / f"rank_{rank}.safetensors",
                      rank_tensors(engine, trainer.optimizer, store_frozen=store_frozen))
     maybe_die(Fault.CHECKPOINT, step=step, rank=rank)
-    _barrier(collectives, engine, step, 0)
+    barrier(collectives, generation=engine.generation, step=step, which=0,
+            timeout=engine.config.timeout)
     if rank == 0:
         for stale in tmp.glob("rank_*.safetensors"):  # from an earlier try at another size
             if int(stale.stem.split("_")[1]) >= world_size:
@@ -96,7 +98,8 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
         write_latest(root, final.name)
         log.info("checkpoint %s: %d ranks, %.1f MB, %.2fs", final, world_size,
                  sum(files.values()) / 2**20, time.perf_counter() - t0)
-    _barrier(collectives, engine, step, 1)
+    barrier(collectives, generation=engine.generation, step=step, which=1,
+            timeout=engine.config.timeout)
     return final
 
 
@@ -174,12 +177,13 @@ def write_rank_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(part, path)
 
 
-def _barrier(collectives, engine, step: int, which: int) -> None:
+def barrier(collectives, *, generation: int, step: int, which: int, timeout: float,
+            phase: Phase = Phase.BARRIER) -> None:
+    """Every rank reaches this point (``which`` tells the barriers of one step apart)."""
     if collectives is None or collectives.world_size == 1:
         return
-    key = Key(generation=engine.generation, step=step, unit=0, micro_batch=which,
-              phase=Phase.BARRIER)
-    collectives.barrier(key).result(timeout=engine.config.timeout)
+    key = Key(generation=generation, step=step, unit=0, micro_batch=which, phase=phase)
+    result(collectives.barrier(key), key=key, rank=collectives.rank, timeout=timeout)
 
 
 def optimizer_meta(engine, optimizer) -> dict:

@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from communication.collectives import Key, Phase
-from worker.checkpoint import build_manifest, write_latest, write_rank_file
+from communication.collectives import Phase
+from worker.checkpoint import barrier, build_manifest, write_latest, write_rank_file
 from worker.checkpoint_files import (
     STEP_DIR,
     CheckpointError,
@@ -88,21 +88,17 @@ def publish_rescue(root: str | Path, collectives, *, generation: int, rank: int,
                    timeout: float) -> Path | None:
     """Every member of a new generation calls this before resuming; rank 0 publishes the
     newest complete rescue (see the note). Returns the published checkpoint on rank 0."""
-    _barrier(collectives, generation, 0, timeout)
+    barrier(collectives, generation=generation, step=-1, which=0, timeout=timeout,
+            phase=Phase.BUDDY)
     published = None
     if rank == 0:
         try:
             published = _assemble(Path(root))
         except (OSError, ValueError, KeyError, CheckpointError) as exc:
             log.error("rescue under %s not published: %s", root, exc)
-    _barrier(collectives, generation, 1, timeout)
+    barrier(collectives, generation=generation, step=-1, which=1, timeout=timeout,
+            phase=Phase.BUDDY)
     return published
-
-
-def _barrier(collectives, generation: int, which: int, timeout: float) -> None:
-    if collectives.world_size > 1:
-        key = Key(generation=generation, step=-1, unit=0, micro_batch=which, phase=Phase.BUDDY)
-        collectives.barrier(key).result(timeout=timeout)
 
 
 def _candidates(rescue: Path) -> dict[tuple[int, int], dict]:
