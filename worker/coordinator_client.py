@@ -150,9 +150,10 @@ class CoordinatorClient:
         return await self._request("GET", "/workers")
 
     async def report_telemetry(self, *, retry_for: float | None = None, **metrics: Any) -> dict:
-        """Send one row of numeric metrics."""
+        """Send one row of numeric metrics (flags travel as 0/1: the route takes numbers only)."""
+        numbers = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
         return await self._request("POST", "/telemetry",
-                                   body={"worker_id": self.worker_id, **metrics},
+                                   body={"worker_id": self.worker_id, **numbers},
                                    retry_for=retry_for)
 
     async def wait_ready(self, min_workers: int, *, timeout: float,

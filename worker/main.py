@@ -55,26 +55,31 @@ def build_collectives(cfg: WorkerConfig, generation, transport) -> Collectives:
                             device=torch.device(cfg.train.device))
 
 
-def build_data_and_model(train: TrainConfig, *, data=None, model: bool = True):
-    """Dataset (unless given) and (LoRA-wrapped) model, identical on every rank for one seed."""
+def build_data(train: TrainConfig):
+    """Tokenizer and dataset (packed text, or classification examples), the same on every rank."""
     from worker.data import PackedText, load_tokenizer
-    from worker.models import apply_lora, build_model
 
-    local_dir = train.model.name if Path(train.model.name).is_dir() else None
-    if data is None:
-        tokenizer = load_tokenizer(local_dir)
-        if train.model.task == "sequence-classification":
-            from worker.data import ClassificationData
+    tokenizer = load_tokenizer(train.model.name if Path(train.model.name).is_dir() else None)
+    if train.model.task == "sequence-classification":
+        from worker.data import ClassificationData
 
-            data = ClassificationData(train.data, tokenizer)
-        else:
-            data = PackedText(train.data, tokenizer)
-    if not model:
-        return data, None
-    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size)
-    if train.lora is not None:
-        model = apply_lora(model, train.lora)
-    return data, model
+        return ClassificationData(train.data, tokenizer)
+    return PackedText(train.data, tokenizer)
+
+
+def build_model(train: TrainConfig, data):
+    """The (LoRA-wrapped) model for ``data``'s vocabulary, identical on every rank for one seed."""
+    from worker.models import apply_lora
+    from worker.models import build_model as from_config
+
+    model = from_config(train.model, vocab_size=data.tokenizer.vocab_size)
+    return apply_lora(model, train.lora) if train.lora is not None else model
+
+
+def build_data_and_model(train: TrainConfig):
+    """Both, for a single process (the reference run, tests)."""
+    data = build_data(train)
+    return data, build_model(train, data)
 
 
 def shard(train: TrainConfig, model, collectives: Collectives, generation: int) -> Zero3Engine:
@@ -138,14 +143,13 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
 
             publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
                            rank=gen.rank, timeout=cfg.train.timeout)
-        _, model = build_data_and_model(cfg.train, data=data)
+        model = build_model(cfg.train, data)
         engine = shard(cfg.train, model, collectives, gen.generation)
 
         def on_step(st) -> None:
             membership.update_status(phase="train", step=st.step, loss=st.loss,
                                      tokens_per_s=st.tokens_per_s)
-            numbers = {k: int(v) if isinstance(v, bool) else v for k, v in st.to_dict().items()}
-            membership.report(**numbers, rank=gen.rank, generation=gen.generation)
+            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
 
         trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
                           world_size=gen.world_size, on_step=on_step)
@@ -185,7 +189,7 @@ def run_worker(cfg: WorkerConfig) -> int:
                             heartbeat_interval=cfg.heartbeat_interval,
                             cpu_cores=os.cpu_count() or 1)
     try:
-        data, _ = build_data_and_model(cfg.train, model=False)
+        data = build_data(cfg.train)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
         for attempt in range(cfg.max_recoveries + 1):
             set_rank(gen.rank)
