@@ -43,8 +43,8 @@ class Membership:
                                         name=f"membership-{worker_id}", daemon=True)
         self._thread.start()
 
-    def _call(self, coro: Any, timeout: float) -> Any:
-        """Run ``coro`` on the loop and wait for it at most ``timeout`` seconds."""
+    def _call(self, coro: Any, timeout: float, what: str) -> Any:
+        """Run ``coro`` (the ``what`` call) on the loop; wait for it at most ``timeout`` s."""
         if self._closed:
             coro.close()
             raise RuntimeError(f"membership of {self.worker_id} is closed")
@@ -56,7 +56,8 @@ class Membership:
                 raise
             future.cancel()
             raise TimeoutError(
-                f"{self.worker_id}: coordinator call took over {timeout:.1f}s") from None
+                f"{self.worker_id}: {what} at the coordinator {self._client.url} took over "
+                f"{timeout:.1f}s") from None
         except BaseException:
             future.cancel()
             raise
@@ -73,7 +74,7 @@ class Membership:
             self._heartbeat.start()
             return await self._client.wait_ready(min_workers, timeout=timeout)
 
-        gen = self._call(_join(), timeout + GRACE_S)
+        gen = self._call(_join(), timeout + GRACE_S, f"join (min_workers={min_workers})")
         self._last_generation = gen.generation
         return gen
 
@@ -81,7 +82,7 @@ class Membership:
         """After a failure: wait for a generation newer than the last one this worker saw."""
         gen = self._call(self._client.wait_ready(min_workers, timeout=timeout,
                                                  after_generation=self._last_generation),
-                         timeout + GRACE_S)
+                         timeout + GRACE_S, f"rejoin after generation {self._last_generation}")
         self._last_generation = gen.generation
         return gen
 
@@ -120,7 +121,7 @@ class Membership:
             await self._heartbeat.stop()
             await self._client.leave()
 
-        self._call(_leave(), self._client.request_timeout + GRACE_S)
+        self._call(_leave(), self._client.request_timeout + GRACE_S, "leave")
 
     def close(self) -> None:
         """Stop the heartbeat, close the session and the loop thread; idempotent, bounded."""
