@@ -21,3 +21,8 @@ class Settings(BaseSettings):
     token: str | None = None
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+
+
+def setting_default(name: str):
+    """A field's default, for command-line help: the defaults live in Settings alone."""
+    return Settings.model_fields[name].default

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 
@@ -34,17 +33,15 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_coordinator(*, host: str = "127.0.0.1", port: int = 8000, db: str = "zerop2p.db",
-                    token: str | None = None, heartbeat_timeout: float = 30.0,
-                    log_level: str = "info") -> None:
+def run_coordinator(**given) -> None:
     """Serve until interrupted. Prints ``coordinator listening on URL`` once, on stdout.
 
-    ``token`` defaults to ``$ZEROP2P_TOKEN``; without one every route is open.
+    ``given`` are Settings fields; one that is None or absent comes from ``$ZEROP2P_<FIELD>``
+    or the Settings default. Without a token every route is open.
     """
-    if token is None:
-        token = os.environ.get("ZEROP2P_TOKEN") or None
-    settings = Settings(host=host, port=port, db=db, token=token,
-                        heartbeat_timeout=heartbeat_timeout, log_level=log_level)
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    host, port, token, log_level = (settings.host, settings.port, settings.token,
+                                    settings.log_level)
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

@@ -58,10 +58,12 @@ def test_kill9_and_restart_keeps_workers_and_generation(tmp_path):
         second.kill()
 
 
-def test_stdout_is_one_line_and_token_comes_from_the_environment(tmp_path, monkeypatch):
+def test_stdout_is_one_line_and_settings_come_from_the_environment(tmp_path, monkeypatch):
+    """Options left out come from ZEROP2P_<NAME> (token, db), not from defaults of the CLI."""
     monkeypatch.setenv("ZEROP2P_TOKEN", "from-env")
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--port", "0", "--db",
-                             ":memory:"], cwd=ROOT, stdout=subprocess.PIPE,
+    monkeypatch.setenv("ZEROP2P_DB", str(tmp_path / "from-env.db"))
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -73,6 +75,7 @@ def test_stdout_is_one_line_and_token_comes_from_the_environment(tmp_path, monke
         with client(match.group(1), token="from-env") as http:
             register(http, "w0")
             assert ready(http, 1)["generation"] == 1
+        assert (tmp_path / "from-env.db").stat().st_size > 0
     finally:
         proc.terminate()
         rest, _ = proc.communicate(timeout=10)

@@ -6,6 +6,7 @@ import logging
 
 import typer
 
+from coordinator.config import setting_default
 from worker.options import build_train_config, help_text
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,22 @@ def _fail(message: str) -> None:
 
 @app.command()
 def coordinator(
-    host: str = typer.Option("127.0.0.1", help="address to bind"),
-    port: int = typer.Option(8000, help="port to bind; 0 picks a free one and prints it"),
-    db: str = typer.Option("zerop2p.db", help="SQLite file (or :memory:) holding the state"),
+    host: str = typer.Option(None, help=f"address to bind [default: {setting_default('host')}]"),
+    port: int = typer.Option(None, help="port to bind; 0 picks a free one and prints it "
+                                        f"[default: {setting_default('port')}]"),
+    db: str = typer.Option(None, help="SQLite file (or :memory:) holding the state "
+                                      f"[default: {setting_default('db')}]"),
     token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token (bearer auth)"),
-    heartbeat_timeout: float = typer.Option(30.0, help="seconds without a heartbeat: dead"),
-    log_level: str = typer.Option("info", help="debug, info, warning"),
+    heartbeat_timeout: float = typer.Option(None, help="seconds without a heartbeat: dead "
+                                                       "[default: "
+                                                       f"{setting_default('heartbeat_timeout')}]"),
+    log_level: str = typer.Option(None, help="debug, info, warning "
+                                             f"[default: {setting_default('log_level')}]"),
 ) -> None:
     """Run the coordinator: registration, heartbeats, the training barrier, telemetry."""
     from coordinator.server import run_coordinator
 
-    _logging(log_level)
+    _logging(log_level or setting_default("log_level"))
     run_coordinator(host=host, port=port, db=db, token=token,
                     heartbeat_timeout=heartbeat_timeout, log_level=log_level)
 
