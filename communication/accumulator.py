@@ -7,8 +7,8 @@ the generation, and whether they are summed (reduce-scatter, all-reduce) or conc
 (all-gather; barrier is a concat of empty tensors). Each sender's contribution is stored once:
 a retry of a stored one is acknowledged and dropped. A sum folds contributions **in rank order**
 in float32 as the prefix 0..k becomes complete, so the result never depends on arrival order;
-a concat writes each sender's bytes straight into its rows of the preallocated output. A shift
-slot expects exactly one contribution, from its ``source`` rank, written into one buffer.
+a concat writes each sender's bytes straight into its rows of the preallocated output. A slot
+with a ``source`` rank (a shift) is a concat of exactly one contribution, from that rank.
 The waiter is woken by an asyncio future once every sender has arrived; the slot is removed
 when its result is taken. A contribution that disagrees with the expectation raises
 ``ContributionError`` (the server maps it to INVALID_ARGUMENT) and changes nothing.
@@ -38,7 +38,6 @@ class Mode(str, enum.Enum):
 
     SUM = "sum"
     CONCAT = "concat"
-    SHIFT = "shift"  # one contribution, from ``Expectation.source`` only
 
 
 class ContributionError(ValueError):
@@ -63,12 +62,12 @@ class Expectation:
     shape: tuple[int, ...]
     dtype: torch.dtype
     mode: Mode
-    source: int | None = None  # the one sender of a SHIFT slot
+    source: int | None = None  # set: a shift, one contribution from this rank only
 
     def __post_init__(self) -> None:
-        if (self.mode is Mode.SHIFT) != (self.source is not None):
-            raise ValueError(f"key {self.key}: a source rank is given for shift slots only "
-                             f"(mode {self.mode.value}, source {self.source})")
+        if self.source is not None and self.mode is not Mode.CONCAT:
+            raise ValueError(f"key {self.key}: a slot with a source rank (a shift) concatenates; "
+                             f"mode {self.mode.value} was asked for")
 
     @property
     def senders(self) -> tuple[int, ...]:
@@ -234,7 +233,7 @@ class Slot:
         if self.missing():
             raise RuntimeError(f"key {self.expectation.key}: result before rank(s) "
                                f"{self.missing()} arrived")
-        if self.expectation.mode is Mode.SHIFT:
+        if self.expectation.source is not None:
             return self._out.view(self.expectation.shape)
         if self._out is not None:
             return self._out

@@ -242,7 +242,8 @@ class GrpcCollectives:
     async def _shift(self, key: Key, src: torch.Tensor) -> torch.Tensor:
         w = self.world_size
         deadline = asyncio.get_running_loop().time() + self.timeout
-        slot = self._open(key, Mode.SHIFT, tuple(src.shape), src.dtype, source=(self.rank - 1) % w)
+        slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype,
+                          source=(self.rank - 1) % w)
         send = self._push(key, (self.rank + 1) % w, self.rank, src, deadline, codec=RAW)
         return await self._finish(slot, [send])
 
