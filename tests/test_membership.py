@@ -243,6 +243,25 @@ def test_membership_join_timeout_and_prompt_idempotent_close(url):
         m.join(1, timeout=1)
 
 
+def test_join_and_leave_name_an_unreachable_coordinator_within_their_own_deadline():
+    """The client's error (the URL, the attempts, the connection problem) comes out, not the
+    facade's generic timeout, and within the join timeout rather than the client's retry window."""
+    url = closed_port_url()
+    m = Membership(url, worker_id="w0", ip_address="127.0.0.1", port=53000)
+    m._client.request_timeout = 1.0  # leave's retry window: one request timeout
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorError, match="attempts") as err:
+            m.join(1, timeout=1.0)
+        assert url in err.value.message and time.monotonic() - t0 < 2.5
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorError, match="DELETE .* attempts"):
+            m.leave()
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        m.close()
+
+
 def test_report_never_blocks_when_the_coordinator_is_gone():
     m = Membership(closed_port_url(), worker_id="w0", ip_address="127.0.0.1", port=53000)
     try:

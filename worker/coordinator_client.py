@@ -121,11 +121,13 @@ class CoordinatorClient:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def register(self, ip_address: str, port: int, **info: Any) -> dict:
+    async def register(self, ip_address: str, port: int, *, retry_for: float | None = None,
+                       **info: Any) -> dict:
         """Register (or re-register) this worker's gRPC address and capacity."""
         self._registration = {"worker_id": self.worker_id, "ip_address": ip_address,
                               "port": port, **{k: v for k, v in info.items() if v is not None}}
-        return await self._request("POST", "/workers/register", body=self._registration)
+        return await self._request("POST", "/workers/register", body=self._registration,
+                                   retry_for=retry_for)
 
     async def heartbeat(self, **status: Any) -> dict:
         """Heartbeat with optional status; re-registers if the coordinator forgot us (404)
@@ -142,9 +144,9 @@ class CoordinatorClient:
         await self._request("POST", "/workers/register", body=self._registration)
         return await self._request("POST", path, body=body)
 
-    async def leave(self) -> dict:
+    async def leave(self, *, retry_for: float | None = None) -> dict:
         """Leave gracefully (the generation this worker is in ends)."""
-        return await self._request("DELETE", f"/workers/{self.worker_id}")
+        return await self._request("DELETE", f"/workers/{self.worker_id}", retry_for=retry_for)
 
     async def workers(self) -> list[dict]:
         return await self._request("GET", "/workers")

@@ -11,6 +11,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
 from worker.coordinator_client import CoordinatorClient, Generation
@@ -18,7 +19,7 @@ from worker.heartbeat import HeartbeatTask
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 5.0  # beyond a call's own timeout, before the facade gives up on the loop
+GRACE_S = 5.0  # beyond a call's own deadlines, before the facade gives up on the loop
 MAX_PENDING_REPORTS = 64  # telemetry beyond this many in flight is dropped, not queued
 CLOSE_DEADLINE_S = 5.0
 
@@ -44,20 +45,24 @@ class Membership:
         self._thread.start()
 
     def _call(self, coro: Any, timeout: float, what: str) -> Any:
-        """Run ``coro`` (the ``what`` call) on the loop; wait for it at most ``timeout`` s."""
+        """Run ``coro`` (the ``what`` call, whose own deadlines end within ``timeout`` s plus
+        one request) on the loop. The facade waits longer than that, so the coroutine's own
+        error (the barrier's counts, the coordinator's refusal or unreachability) is the one
+        raised; its TimeoutError is only for a loop that stopped answering."""
         if self._closed:
             coro.close()
             raise RuntimeError(f"membership of {self.worker_id} is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        wait = timeout + self._client.request_timeout + GRACE_S
         try:
-            return future.result(timeout)
+            return future.result(wait)
         except concurrent.futures.TimeoutError:
             if future.done():  # the coroutine's own TimeoutError (the barrier's, with counts)
                 raise
             future.cancel()
             raise TimeoutError(
                 f"{self.worker_id}: {what} at the coordinator {self._client.url} took over "
-                f"{timeout:.1f}s") from None
+                f"{wait:.1f}s") from None
         except BaseException:
             future.cancel()
             raise
@@ -68,13 +73,16 @@ class Membership:
         return self._last_generation
 
     def join(self, min_workers: int, *, timeout: float) -> Generation:
-        """Register, start heartbeating, and wait at the barrier for a generation."""
+        """Register, start heartbeating, and wait at the barrier for a generation; all of it
+        within ``timeout`` seconds."""
         async def _join() -> Generation:
-            await self._client.register(**self._registration)
+            deadline = time.monotonic() + timeout
+            await self._client.register(**self._registration, retry_for=timeout)
             self._heartbeat.start()
-            return await self._client.wait_ready(min_workers, timeout=timeout)
+            return await self._client.wait_ready(min_workers,
+                                                 timeout=max(0.0, deadline - time.monotonic()))
 
-        gen = self._call(_join(), timeout + GRACE_S, f"join (min_workers={min_workers})")
+        gen = self._call(_join(), timeout, f"join (min_workers={min_workers})")
         self._last_generation = gen.generation
         return gen
 
@@ -82,7 +90,7 @@ class Membership:
         """After a failure: wait for a generation newer than the last one this worker saw."""
         gen = self._call(self._client.wait_ready(min_workers, timeout=timeout,
                                                  after_generation=self._last_generation),
-                         timeout + GRACE_S, f"rejoin after generation {self._last_generation}")
+                         timeout, f"rejoin after generation {self._last_generation}")
         self._last_generation = gen.generation
         return gen
 
@@ -116,12 +124,16 @@ class Membership:
             log.debug("%s: telemetry failed: %s", self.worker_id, future.exception())
 
     def leave(self) -> None:
-        """Stop heartbeating and leave the coordinator gracefully."""
+        """Stop heartbeating and leave the coordinator gracefully; retries for one request
+        timeout at most (a process on its way out does not wait a minute for a dead
+        coordinator)."""
+        retry_for = self._client.request_timeout
+
         async def _leave() -> None:
             await self._heartbeat.stop()
-            await self._client.leave()
+            await self._client.leave(retry_for=retry_for)
 
-        self._call(_leave(), self._client.request_timeout + GRACE_S, "leave")
+        self._call(_leave(), retry_for, "leave")
 
     def close(self) -> None:
         """Stop the heartbeat, close the session and the loop thread; idempotent, bounded."""
