@@ -247,8 +247,8 @@ def test_join_and_leave_name_an_unreachable_coordinator_within_their_own_deadlin
     """The client's error (the URL, the attempts, the connection problem) comes out, not the
     facade's generic timeout, and within the join timeout rather than the client's retry window."""
     url = closed_port_url()
-    m = Membership(url, worker_id="w0", ip_address="127.0.0.1", port=53000)
-    m._client.request_timeout = 1.0  # leave's retry window: one request timeout
+    m = Membership(url, worker_id="w0", ip_address="127.0.0.1", port=53000,
+                   request_timeout=1.0)  # leave's retry window: one request timeout
     try:
         t0 = time.monotonic()
         with pytest.raises(CoordinatorError, match="attempts") as err:

@@ -29,10 +29,11 @@ class Membership:
 
     def __init__(self, url: str, *, token: str | None = None, worker_id: str, ip_address: str,
                  port: int, device: str = "cpu", heartbeat_interval: float = 2.0,
-                 **info: Any) -> None:
+                 request_timeout: float = 10.0, **info: Any) -> None:
         self.worker_id = worker_id
         self._registration = {"ip_address": ip_address, "port": port, "device": device, **info}
-        self._client = CoordinatorClient(url, token=token, worker_id=worker_id)
+        self._client = CoordinatorClient(url, token=token, worker_id=worker_id,
+                                         request_timeout=request_timeout)
         self._heartbeat = HeartbeatTask(self._client, interval=heartbeat_interval)
         self._last_generation: int | None = None
         self._pending = 0
