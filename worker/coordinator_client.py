@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 WAIT_CHUNK_S = 30.0  # one long-poll's length; the server caps it at 60 s
+REQUEST_TIMEOUT_S = 10.0  # one HTTP request, unless told otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class CoordinatorClient:
     """One worker's session with the coordinator at ``url`` (use from one event loop)."""
 
     def __init__(self, url: str, *, token: str | None = None, worker_id: str,
-                 request_timeout: float = 10.0, max_backoff: float = 5.0,
+                 request_timeout: float = REQUEST_TIMEOUT_S, max_backoff: float = 5.0,
                  retry_for: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.worker_id = worker_id

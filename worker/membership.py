@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from worker.coordinator_client import CoordinatorClient, Generation
+from worker.coordinator_client import REQUEST_TIMEOUT_S, CoordinatorClient, Generation
 from worker.heartbeat import HeartbeatTask
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Membership:
 
     def __init__(self, url: str, *, token: str | None = None, worker_id: str, ip_address: str,
                  port: int, device: str = "cpu", heartbeat_interval: float = 2.0,
-                 request_timeout: float = 10.0, **info: Any) -> None:
+                 request_timeout: float = REQUEST_TIMEOUT_S, **info: Any) -> None:
         self.worker_id = worker_id
         self._registration = {"ip_address": ip_address, "port": port, "device": device, **info}
         self._client = CoordinatorClient(url, token=token, worker_id=worker_id,
