@@ -75,9 +75,12 @@ class Coordinator:
         return worker
 
     def heartbeat(self, worker_id: str, status: dict[str, Any]) -> None:
-        """Record a heartbeat from an alive worker; a dead or departed one must re-register."""
-        self._alive(worker_id)
-        self.store.heartbeat(worker_id, now=time.time(), status=status)
+        """Record a heartbeat from an alive worker; a dead or departed one must re-register.
+
+        The hot path is one UPDATE; the lookup that names the refusal runs only on a miss."""
+        if not self.store.heartbeat(worker_id, now=time.time(), status=status):
+            self._alive(worker_id)  # raises: unknown (404), or dead or left (409)
+            raise AssertionError(f"worker {worker_id!r} is alive but its heartbeat wrote nothing")
         self.heartbeats_received += 1
 
     def leave(self, worker_id: str) -> None:

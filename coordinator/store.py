@@ -164,14 +164,17 @@ class Store:
         counts.update(self._all("SELECT status, COUNT(*) FROM workers GROUP BY status"))
         return counts
 
-    def heartbeat(self, worker_id: str, *, now: float, status: dict[str, Any]) -> None:
-        """Record a heartbeat; status fields that are absent keep their last value."""
-        self._tx([("""
-            UPDATE workers SET last_heartbeat = ?, phase = COALESCE(?, phase),
-                step = COALESCE(?, step), loss = COALESCE(?, loss),
-                tokens_per_s = COALESCE(?, tokens_per_s)
-            WHERE worker_id = ?""", (now, status.get("phase"), status.get("step"),
-                                     status.get("loss"), status.get("tokens_per_s"), worker_id))])
+    def heartbeat(self, worker_id: str, *, now: float, status: dict[str, Any]) -> bool:
+        """Record a heartbeat of an alive worker in one statement; status fields that are
+        absent keep their last value. False (nothing written) if no alive worker has the id."""
+        with self._lock:
+            return self._db.execute("""
+                UPDATE workers SET last_heartbeat = ?, phase = COALESCE(?, phase),
+                    step = COALESCE(?, step), loss = COALESCE(?, loss),
+                    tokens_per_s = COALESCE(?, tokens_per_s)
+                WHERE worker_id = ? AND status = 'alive'""",
+                (now, status.get("phase"), status.get("step"), status.get("loss"),
+                 status.get("tokens_per_s"), worker_id)).rowcount == 1
 
     def progress(self, worker_id: str, progress: dict[str, Any]) -> None:
         """Update the last step/loss/throughput (from telemetry) without touching liveness."""
