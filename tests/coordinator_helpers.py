@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,7 +38,6 @@ class CoordinatorProcess:
     log: Path | None = None
     proc: subprocess.Popen | None = None
     url: str = ""
-    stdout_lines: list[str] = field(default_factory=list)
 
     def start(self, deadline: float = 20.0) -> CoordinatorProcess:
         argv = [sys.executable, "-m", "coordinator", "--host", "127.0.0.1",
@@ -55,7 +54,7 @@ class CoordinatorProcess:
             stderr.close()
         lines: queue.Queue[str | None] = queue.Queue()
 
-        def pump() -> None:
+        def pump() -> None:  # drains stdout for the child's whole life: a full pipe blocks it
             for line in self.proc.stdout:
                 lines.put(line.rstrip("\n"))
             lines.put(None)
@@ -71,10 +70,8 @@ class CoordinatorProcess:
         if not match:
             self.kill()
             raise RuntimeError(f"coordinator's first line was {first!r}{self._tail()}")
-        self.stdout_lines.append(first)
         self.url = match.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
-        self._lines = lines
         return self
 
     def _tail(self) -> str:
