@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ FORMAT = 1
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "list_checkpoints", "format_checkpoints", "prune_checkpoints", "read_manifest",
            "rank_tensors", "write_rank_file", "build_manifest", "optimizer_meta", "write_latest",
+           "publish", "TrainerState",
            "barrier"]
 
 
@@ -84,18 +86,11 @@ def save_checkpoint(root: str | Path, *, engine, trainer, config, rank: int, wor
                                       "barrier; the checkpoint directory must be shared by all "
                                       "ranks")
             files[f.name] = f.stat().st_size
-        manifest = build_manifest(engine, trainer, config, world_size=world_size, files=files,
-                             store_frozen=store_frozen, extra=extra)
+        manifest = build_manifest(engine, TrainerState.of(trainer, engine), config,
+                                  world_size=world_size, files=files, store_frozen=store_frozen,
+                                  extra=extra)
         write_json_atomic(tmp / "manifest.json", manifest)
-        fsync_dir(tmp)
-        if final.exists():  # a step written again (after a resume): move the old one aside
-            old = root / f"step_{step}.replaced"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        write_latest(root, final.name)
+        publish(root, tmp, final)
         log.info("checkpoint %s: %d ranks, %.1f MB, %.2fs", final, world_size,
                  sum(files.values()) / 2**20, time.perf_counter() - t0)
     barrier(collectives, generation=engine.generation, step=step, which=1,
@@ -213,14 +208,35 @@ def _model_meta(model, config) -> dict:
     return meta
 
 
-def build_manifest(engine, trainer, config, *, world_size: int, files: dict, store_frozen: bool,
-              extra: dict | None) -> dict:
-    step = trainer.step
-    history = [s.to_dict() for s in trainer.history]
-    last_eval = trainer.eval_history[-1] if trainer.eval_history else None
-    data = trainer.data
+@dataclass(frozen=True, slots=True)
+class TrainerState:
+    """What a manifest records of the trainer at ``step``: its histories, data, scheduler
+    position and optimizer meta (a rescue builds it from a buddy snapshot's mark)."""
+
+    step: int
+    history: list
+    eval_history: list
+    data: object
+    scheduler: dict  # the scheduler's state_dict
+    optimizer: dict  # optimizer_meta
+
+    @classmethod
+    def of(cls, trainer, engine) -> TrainerState:
+        """The trainer's state now."""
+        return cls(step=trainer.step, history=list(trainer.history),
+                   eval_history=list(trainer.eval_history), data=trainer.data,
+                   scheduler=trainer.scheduler.state_dict(),
+                   optimizer=optimizer_meta(engine, trainer.optimizer))
+
+
+def build_manifest(engine, state: TrainerState, config, *, world_size: int, files: dict,
+                   store_frozen: bool, extra: dict | None) -> dict:
+    """The manifest.json of a checkpoint of ``engine`` at ``state.step``."""
+    step = state.step
+    history = [s.to_dict() for s in state.history]
+    last_eval = state.eval_history[-1] if state.eval_history else None
     rows_per_step = config.grad_accum * config.micro_batch_rows
-    num_rows = getattr(data, "num_train_rows", None)
+    num_rows = getattr(state.data, "num_train_rows", None)
     return {
         "format": FORMAT,
         "step": step,
@@ -228,16 +244,16 @@ def build_manifest(engine, trainer, config, *, world_size: int, files: dict, sto
         "generation": engine.generation,
         "epoch": step * rows_per_step / num_rows if num_rows else None,
         "data_position": {"step": step, "row_cursor": step * rows_per_step,
-                          "fingerprint": getattr(data, "fingerprint", None)},
+                          "fingerprint": getattr(state.data, "fingerprint", None)},
         "layouts": [layout.to_dict() for layout in engine.layouts],
         "frozen_stored": store_frozen,
         "compute_dtype": str(engine.config.compute_dtype).removeprefix("torch."),
-        "optimizer": optimizer_meta(engine, trainer.optimizer),
-        "scheduler": trainer.scheduler.state_dict(),
+        "optimizer": state.optimizer,
+        "scheduler": state.scheduler,
         "config": config.to_dict(),
         "model": _model_meta(engine.model, config),
         "history": history,
-        "eval_history": [list(e) for e in trainer.eval_history],
+        "eval_history": [list(e) for e in state.eval_history],
         "loss": history[-1]["loss"] if history else None,
         # Only an eval of exactly these weights ranks this checkpoint for keep-best.
         "eval_loss": last_eval[1] if last_eval and last_eval[0] == step else None,
@@ -245,6 +261,21 @@ def build_manifest(engine, trainer, config, *, world_size: int, files: dict, sto
         "extra": extra or {},
         "created": time.time(),
     }
+
+
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """Make the complete directory ``tmp`` the checkpoint ``final``: fsync it, move an older
+    ``final`` aside, rename, fsync the root, point ``latest`` at it. A crash at any point
+    leaves either the old checkpoint or the new one, never a torn one under a final name."""
+    fsync_dir(tmp)
+    if final.exists():  # a step written again (after a resume, or a torn rescue target)
+        old = root / f"{final.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    write_latest(root, final.name)
 
 
 # --- loading ------------------------------------------------------------------------------

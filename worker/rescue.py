@@ -23,14 +23,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 from communication.collectives import Phase
-from worker.checkpoint import barrier, build_manifest, write_latest, write_rank_file
+from worker.checkpoint import TrainerState, barrier, build_manifest, publish, write_rank_file
 from worker.checkpoint_files import (
     STEP_DIR,
     CheckpointError,
-    fsync_dir,
     latest_checkpoint,
     write_json_atomic,
 )
@@ -38,16 +36,6 @@ from worker.checkpoint_files import (
 log = logging.getLogger(__name__)
 
 RESCUE = "rescue"
-
-
-class _SavedScheduler:
-    """A scheduler as of a snapshot: only its state dict is read."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 def write_rescue(buddy, root: str | Path) -> list[Path]:
@@ -66,14 +54,12 @@ def write_rescue(buddy, root: str | Path) -> list[Path]:
             written.append(path)
         for snap in own:
             mark = buddy.marks[snap.step]
-            view = SimpleNamespace(step=mark.step, history=tr.history[:mark.history_len],
-                                   eval_history=tr.eval_history[:mark.eval_len], data=tr.data,
-                                   scheduler=_SavedScheduler(mark.scheduler),
-                                   optimizer=tr.optimizer)
-            manifest = build_manifest(engine, view, tr.config, world_size=buddy.world_size, files={},
-                                 store_frozen=buddy.store_frozen,
-                                 extra={"rescued": {"generation": engine.generation}})
-            manifest["optimizer"] = mark.optimizer
+            state = TrainerState(step=mark.step, history=tr.history[:mark.history_len],
+                                 eval_history=tr.eval_history[:mark.eval_len], data=tr.data,
+                                 scheduler=mark.scheduler, optimizer=mark.optimizer)
+            manifest = build_manifest(engine, state, tr.config, world_size=buddy.world_size,
+                                      files={}, store_frozen=buddy.store_frozen,
+                                      extra={"rescued": {"generation": engine.generation}})
             write_json_atomic(base / f"step_{snap.step}" / "manifest.json", manifest)
     except (OSError, ValueError, CheckpointError) as exc:
         log.error("rank %d: could not write the rescue under %s: %s", buddy.rank, base, exc)
@@ -146,7 +132,7 @@ def _assemble(root: Path) -> Path | None:
 
 
 def _publish(root: Path, step: int, manifest: dict, files: dict[int, Path]) -> Path:
-    """Move the rank files into step_<n>.tmp, write the manifest, rename, point latest at it."""
+    """Move the rank files into step_<n>.tmp, write the manifest, publish it as step_<n>."""
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -157,12 +143,7 @@ def _publish(root: Path, step: int, manifest: dict, files: dict[int, Path]) -> P
         sizes[dst.name] = dst.stat().st_size
     manifest["files"] = sizes
     write_json_atomic(tmp / "manifest.json", manifest)
-    fsync_dir(tmp)
-    if final.exists():  # torn: a complete step_<n> would not be older than the rescue
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    write_latest(root, final.name)
+    publish(root, tmp, final)  # a step_<n> there is torn: a complete one would not be older
     log.warning("rescue: published %s from buddy copies (world size %d)", final,
                 manifest["world_size"])
     return final
