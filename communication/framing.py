@@ -1,15 +1,18 @@
-"""Fast encoding of the Push stream's ``TensorFrame`` messages, byte-compatible with protobuf.
+"""Fast encoding of Push's ``TensorFrame`` and PushOne's ``TensorChunk``, byte-compatible
+with protobuf.
 
 A data frame is field 2 (bytes) of TensorFrame: tag 0x12, a varint length, the payload. Writing
 that prefix by hand costs one copy of the payload instead of two (slice to bytes, then protobuf
 serialisation), and reading it returns a memoryview into the received message with no copy.
-Anything else (the header frame, frames from other encoders) goes through protobuf.
+A chunk is the header as field 1 (tag 0x0a), then the payload as field 2, written the same way.
+Anything else (the header frame, messages from other encoders) goes through protobuf.
 """
 
 from __future__ import annotations
 
 from communication.proto import zerop2p_pb2 as pb
 
+_HEADER_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 _DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
 
 
@@ -35,20 +38,48 @@ def data_frame(payload: memoryview) -> bytes:
     return b"".join((bytes((_DATA_TAG,)), _varint(len(payload)), payload))
 
 
+def chunk_message(header: pb.TensorHeader, payload: memoryview) -> bytes:
+    """A serialised TensorChunk{header, data: payload}, copying the payload once."""
+    h = header.SerializeToString()
+    return b"".join((bytes((_HEADER_TAG,)), _varint(len(h)), h, bytes((_DATA_TAG,)),
+                     _varint(len(payload)), payload))
+
+
+def _field(raw: bytes, i: int, tag: int) -> tuple[int, int] | None:
+    """(start, end) of the length-delimited field ``tag`` at ``raw[i]``, or None."""
+    if raw[i:i + 1] != bytes((tag,)):
+        return None
+    n, shift, i = 0, 0, i + 1
+    while i < len(raw) and shift <= 63:
+        b = raw[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return (i, i + n) if i + n <= len(raw) else None
+        shift += 7
+    return None
+
+
 def parse_frame(raw: bytes) -> pb.TensorHeader | memoryview:
     """A header, or the data payload as a zero-copy view into ``raw``."""
-    if raw[:1] == b"\x12":
-        n, shift, i = 0, 0, 1
-        while i < len(raw) and i <= 10:
-            b = raw[i]
-            n |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                break
-            shift += 7
-        if i + n == len(raw):
-            return memoryview(raw)[i:]
+    data = _field(raw, 0, _DATA_TAG)
+    if data is not None and data[1] == len(raw):
+        return memoryview(raw)[data[0]:]
     frame = pb.TensorFrame.FromString(raw)
     if frame.WhichOneof("part") == "header":
         return frame.header
     return memoryview(frame.data)
+
+
+def parse_chunk(raw: bytes) -> tuple[pb.TensorHeader, memoryview]:
+    """The header and a zero-copy view of the payload of a TensorChunk."""
+    head = _field(raw, 0, _HEADER_TAG)
+    if head is not None:
+        header = pb.TensorHeader.FromString(memoryview(raw)[head[0]:head[1]])
+        if head[1] == len(raw):  # protobuf leaves out an empty bytes field
+            return header, memoryview(b"")
+        data = _field(raw, head[1], _DATA_TAG)
+        if data is not None and data[1] == len(raw):
+            return header, memoryview(raw)[data[0]:]
+    chunk = pb.TensorChunk.FromString(raw)
+    return chunk.header, memoryview(chunk.data)

@@ -1,6 +1,7 @@
 """The worker's gRPC server: receives contributions into the accumulator; answers pings.
 
-A Push stream is one header then raw byte chunks. The header is validated against the slot
+A Push stream is one header then raw byte chunks; PushOne carries a header and its bytes in one
+message (contributions of at most one chunk). The header is validated against the slot
 the local rank opened for that key before any byte is read (INVALID_ARGUMENT naming the
 mismatch, nothing changed); the bytes are copied straight into the slot's preallocated buffer
 (raw codec) or into a staging buffer that is decoded once complete. A contribution may arrive as
@@ -18,7 +19,7 @@ import torch
 from communication.accumulator import Accumulator, ContributionError, Slot
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
-from communication.framing import parse_frame
+from communication.framing import parse_chunk, parse_frame
 from communication.proto import zerop2p_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class PeerServicer:
         h = await anext(aiter(request_iterator), None)
         if not isinstance(h, pb.TensorHeader):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+        return await self._receive(h, request_iterator, context)
+
+    async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
+        h, data = request
+        return await self._receive(h, _once(data), context)
+
+    async def _receive(self, h: pb.TensorHeader, data_frames, context) -> pb.PushReply:
+        """Validate ``h`` against its slot, copy the frames' bytes into place, count them."""
         current = self._generation()
         if h.generation < current:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,7 +86,7 @@ class PeerServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
         pos = 0
-        async for data in request_iterator:
+        async for data in data_frames:
             if not isinstance(data, memoryview):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"key {h.key} sender {h.sender}: a second header")
@@ -134,11 +143,21 @@ class PeerServicer:
             del self._incoming[ident]
 
 
+async def _once(data: memoryview):
+    """PushOne's bytes as the one data frame of a stream (none if empty)."""
+    if len(data):
+        yield data
+
+
 def _handlers(servicer: PeerServicer) -> grpc.GenericRpcHandler:
-    """The Peer service with Push frames parsed by framing.py (zero-copy data)."""
+    """The Peer service with Push frames and PushOne chunks parsed by framing.py (zero-copy
+    data)."""
     return grpc.method_handlers_generic_handler("zerop2p.Peer", {
         "Push": grpc.stream_unary_rpc_method_handler(
             servicer.Push, request_deserializer=parse_frame,
+            response_serializer=pb.PushReply.SerializeToString),
+        "PushOne": grpc.unary_unary_rpc_method_handler(
+            servicer.PushOne, request_deserializer=parse_chunk,
             response_serializer=pb.PushReply.SerializeToString),
         "Ping": grpc.unary_unary_rpc_method_handler(
             servicer.Ping, request_deserializer=pb.PingRequest.FromString,

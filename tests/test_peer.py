@@ -52,10 +52,15 @@ def deadline(seconds=5.0):
     return asyncio.get_running_loop().time() + seconds
 
 
-async def test_push_lands_in_the_slot_and_a_retry_is_a_duplicate(node):
+# 16 bytes with 5-byte chunks stream over Push; with the default 1 MiB chunk they fit one PushOne.
+PATHS = pytest.mark.parametrize("chunk_bytes", [5, 1 << 20], ids=["Push", "PushOne"])
+
+
+@PATHS
+async def test_push_lands_in_the_slot_and_a_retry_is_a_duplicate(node, chunk_bytes):
     slot = node.open()
     slot.put(0, torch.ones(4))
-    client = PeerClient(f"127.0.0.1:{node.port}", token="secret", chunk_bytes=5)
+    client = PeerClient(f"127.0.0.1:{node.port}", token="secret", chunk_bytes=chunk_bytes)
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
     reply = await client.push(header(), as_bytes(x), deadline=deadline())
     assert reply.received_bytes == 16 and not reply.duplicate
@@ -79,10 +84,11 @@ async def test_two_byte_ranges_make_one_contribution(node):
     await client.close()
 
 
+@PATHS
 @pytest.mark.parametrize("token", [None, "wrong"])
-async def test_wrong_or_missing_token_is_unauthenticated(node, token):
+async def test_wrong_or_missing_token_is_unauthenticated(node, token, chunk_bytes):
     node.open()
-    client = PeerClient(f"127.0.0.1:{node.port}", token=token)
+    client = PeerClient(f"127.0.0.1:{node.port}", token=token, chunk_bytes=chunk_bytes)
     with pytest.raises(PeerCallError) as info:
         await client.push(header(), as_bytes(torch.ones(4)), deadline=deadline())
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -98,9 +104,11 @@ async def test_wrong_or_missing_token_is_unauthenticated(node, token):
     (dict(nbytes=12), ["more than the announced 12 bytes"]),
     (dict(offset=8), ["byte range"]),
 ])
-async def test_mismatch_is_invalid_argument_naming_it_and_changes_nothing(node, bad, words):
+@PATHS
+async def test_mismatch_is_invalid_argument_naming_it_and_changes_nothing(node, bad, words,
+                                                                          chunk_bytes):
     slot = node.open()
-    client = PeerClient(f"127.0.0.1:{node.port}", token="secret")
+    client = PeerClient(f"127.0.0.1:{node.port}", token="secret", chunk_bytes=chunk_bytes)
     with pytest.raises(PeerCallError) as info:
         await client.push(header(**bad), as_bytes(torch.ones(4)), deadline=deadline())
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -41,3 +41,18 @@ def test_hand_framed_data_is_a_valid_tensor_frame_both_ways():
         assert bytes(parse_frame(pb.TensorFrame(data=payload).SerializeToString())) == payload
     header = pb.TensorHeader(key="k", sender=1, total_bytes=5)
     assert parse_frame(header_frame(header)) == header
+
+
+def test_hand_framed_chunk_is_a_valid_tensor_chunk_both_ways():
+    from communication.framing import chunk_message, parse_chunk
+    from communication.proto import zerop2p_pb2 as pb
+
+    header = pb.TensorHeader(key="g1/s0/u0/m0/barrier", sender=1, shape=[3], total_bytes=12)
+    for n in (0, 1, 127, 128, 300_000):
+        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        raw = chunk_message(header, memoryview(payload))
+        parsed = pb.TensorChunk.FromString(raw)
+        assert parsed.header == header and parsed.data == payload
+        for message in (raw, pb.TensorChunk(header=header, data=payload).SerializeToString()):
+            got_header, got = parse_chunk(message)
+            assert got_header == header and bytes(got) == payload

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rzerop2p.proto\x12\x07zerop2p\"\xa1\x01\n\x0cTensorHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06sender\x18\x03 \x01(\x05\x12\x0e\n\x06origin\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x03\x12\x0e\n\x06offset\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12\r\n\x05\x63odec\x18\t \x01(\t\"N\n\x0bTensorFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.zerop2p.TensorHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"6\n\tPushReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0bPingRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0e\n\x06sender\x18\x02 \x01(\x05\"-\n\tPingReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x32l\n\x04Peer\x12\x32\n\x04Push\x12\x14.zerop2p.TensorFrame\x1a\x12.zerop2p.PushReply(\x01\x12\x30\n\x04Ping\x12\x14.zerop2p.PingRequest\x1a\x12.zerop2p.PingReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rzerop2p.proto\x12\x07zerop2p\"\xa1\x01\n\x0cTensorHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06sender\x18\x03 \x01(\x05\x12\x0e\n\x06origin\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05shape\x18\x06 \x03(\x03\x12\x0e\n\x06offset\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12\r\n\x05\x63odec\x18\t \x01(\t\"N\n\x0bTensorFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.zerop2p.TensorHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"B\n\x0bTensorChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.zerop2p.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"6\n\tPushReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0bPingRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0e\n\x06sender\x18\x02 \x01(\x05\"-\n\tPingReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x32\xa1\x01\n\x04Peer\x12\x32\n\x04Push\x12\x14.zerop2p.TensorFrame\x1a\x12.zerop2p.PushReply(\x01\x12\x33\n\x07PushOne\x12\x14.zerop2p.TensorChunk\x1a\x12.zerop2p.PushReply\x12\x30\n\x04Ping\x12\x14.zerop2p.PingRequest\x1a\x12.zerop2p.PingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORHEADER']._serialized_end=188
   _globals['_TENSORFRAME']._serialized_start=190
   _globals['_TENSORFRAME']._serialized_end=268
-  _globals['_PUSHREPLY']._serialized_start=270
-  _globals['_PUSHREPLY']._serialized_end=324
-  _globals['_PINGREQUEST']._serialized_start=326
-  _globals['_PINGREQUEST']._serialized_end=375
-  _globals['_PINGREPLY']._serialized_start=377
-  _globals['_PINGREPLY']._serialized_end=422
-  _globals['_PEER']._serialized_start=424
-  _globals['_PEER']._serialized_end=532
+  _globals['_TENSORCHUNK']._serialized_start=270
+  _globals['_TENSORCHUNK']._serialized_end=336
+  _globals['_PUSHREPLY']._serialized_start=338
+  _globals['_PUSHREPLY']._serialized_end=392
+  _globals['_PINGREQUEST']._serialized_start=394
+  _globals['_PINGREQUEST']._serialized_end=443
+  _globals['_PINGREPLY']._serialized_start=445
+  _globals['_PINGREPLY']._serialized_end=490
+  _globals['_PEER']._serialized_start=493
+  _globals['_PEER']._serialized_end=654
 # @@protoc_insertion_point(module_scope)

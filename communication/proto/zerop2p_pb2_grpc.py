@@ -39,6 +39,11 @@ class PeerStub:
                 request_serializer=zerop2p__pb2.TensorFrame.SerializeToString,
                 response_deserializer=zerop2p__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushOne = channel.unary_unary(
+                '/zerop2p.Peer/PushOne',
+                request_serializer=zerop2p__pb2.TensorChunk.SerializeToString,
+                response_deserializer=zerop2p__pb2.PushReply.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/zerop2p.Peer/Ping',
                 request_serializer=zerop2p__pb2.PingRequest.SerializeToString,
@@ -57,6 +62,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushOne(self, request, context):
+        """The same for bytes that fit one message (at most one chunk); same validation, same reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request, context):
         """Liveness and generation check.
         """
@@ -70,6 +82,11 @@ def add_PeerServicer_to_server(servicer, server):
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=zerop2p__pb2.TensorFrame.FromString,
+                    response_serializer=zerop2p__pb2.PushReply.SerializeToString,
+            ),
+            'PushOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushOne,
+                    request_deserializer=zerop2p__pb2.TensorChunk.FromString,
                     response_serializer=zerop2p__pb2.PushReply.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
@@ -104,6 +121,33 @@ class Peer:
             target,
             '/zerop2p.Peer/Push',
             zerop2p__pb2.TensorFrame.SerializeToString,
+            zerop2p__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zerop2p.Peer/PushOne',
+            zerop2p__pb2.TensorChunk.SerializeToString,
             zerop2p__pb2.PushReply.FromString,
             options,
             channel_credentials,
