@@ -127,7 +127,7 @@ def main() -> None:
                     default=[1, 16, 64, 256])
     ap.add_argument("--codec", default="raw", choices=("raw", "bf16", "int8"))
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--backends", default="grpc,gloo")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
