@@ -3,7 +3,9 @@
 Each backend runs as ``--world-size`` separate processes on loopback. For every size (the full
 tensor: the all-gather output, the reduce-scatter input, float32) it warms up, then takes the
 median of ``--runs`` timed runs, each started after a barrier. Bandwidths follow nccl-tests:
-algbw = size / time, busbw = algbw * (W - 1) / W. Prints a table; the last line is JSON.
+algbw = size / time, busbw = algbw * (W - 1) / W; cpu ms is rank 0's process CPU (all its
+threads) per timed run: on a machine with few cores the transports are CPU-bound, and this is
+the steadier number. Prints a table; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -62,22 +64,24 @@ def worker(args) -> None:
         full = torch.randn(n)
         shard = full[: n // w].clone()
         for op in OPS:
-            times = []
+            times, cpu = [], 0.0
             for i in range(args.warmup + args.runs):
                 coll.barrier(key(Phase.BARRIER)).result(timeout=120)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if op == "all_gather":
                     coll.all_gather(key(Phase.GATHER_FORWARD), shard).result(timeout=120)
                 else:
                     coll.reduce_scatter(key(Phase.REDUCE_SCATTER), full).result(timeout=120)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
+                    cpu += time.process_time() - c0
             ms = statistics.median(times) * 1e3
             algbw = n * 4 / (ms / 1e3) / 1e9
             rows.append({"op": op, "size_mb": size_mb, "world_size": w,
                          "backend": "grpc" if args.backend == "grpc" else "gloo",
                          "codec": args.codec if args.backend == "grpc" else "raw",
-                         "ms": round(ms, 3), "algbw_gbps": round(algbw, 3),
+                         "ms": round(ms, 3), "cpu_ms": round(cpu / args.runs * 1e3, 3),
+                         "algbw_gbps": round(algbw, 3),
                          "busbw_gbps": round(algbw * (w - 1) / w, 3)})
     coll.barrier(key(Phase.BARRIER)).result(timeout=120)
     coll.close()
@@ -108,14 +112,15 @@ def run_backend(backend: str, args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     gloo = {(r["op"], r["size_mb"]): r for r in rows if r["backend"] == "gloo"}
-    lines = [f"{'op':<15}{'size MB':>9}{'backend':>9}{'codec':>6}{'ms':>10}{'algbw GB/s':>12}"
-             f"{'busbw GB/s':>12}{'grpc/gloo':>11}"]
+    lines = [f"{'op':<15}{'size MB':>9}{'backend':>9}{'codec':>6}{'ms':>10}{'cpu ms':>9}"
+             f"{'algbw GB/s':>12}{'busbw GB/s':>12}{'grpc/gloo':>11}"]
     for r in rows:
         ref = gloo.get((r["op"], r["size_mb"]))
         ratio = (f"{r['busbw_gbps'] / ref['busbw_gbps']:.2f}x"
                  if r["backend"] == "grpc" and ref else "")
         lines.append(f"{r['op']:<15}{r['size_mb']:>9g}{r['backend']:>9}{r['codec']:>6}"
-                     f"{r['ms']:>10.2f}{r['algbw_gbps']:>12.3f}{r['busbw_gbps']:>12.3f}"
+                     f"{r['ms']:>10.2f}{r['cpu_ms']:>9.2f}{r['algbw_gbps']:>12.3f}"
+                     f"{r['busbw_gbps']:>12.3f}"
                      f"{ratio:>11}")
     return "\n".join(lines)
 
