@@ -71,8 +71,8 @@ def parse_frame(raw: bytes) -> pb.TensorHeader | memoryview:
     return memoryview(frame.data)
 
 
-def parse_chunk(raw: bytes) -> tuple[pb.TensorHeader, memoryview]:
-    """The header and a zero-copy view of the payload of a TensorChunk."""
+def parse_chunk(raw: bytes) -> tuple[pb.TensorHeader | None, memoryview]:
+    """The header (None if the chunk has none) and a zero-copy view of the payload."""
     head = _field(raw, 0, _HEADER_TAG)
     if head is not None:
         header = pb.TensorHeader.FromString(memoryview(raw)[head[0]:head[1]])
@@ -82,4 +82,4 @@ def parse_chunk(raw: bytes) -> tuple[pb.TensorHeader, memoryview]:
         if data is not None and data[1] == len(raw):
             return header, memoryview(raw)[data[0]:]
     chunk = pb.TensorChunk.FromString(raw)
-    return chunk.header, memoryview(chunk.data)
+    return chunk.header if chunk.HasField("header") else None, memoryview(chunk.data)

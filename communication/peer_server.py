@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # chunks are ~1 MiB; this only bounds a bad peer
 DEFAULT_WAIT = 60.0
+MAX_DRAIN_BYTES = 1 << 30  # a refused stream is read to its end, up to this much, then cut off
 
 
 class _Incoming:
@@ -40,7 +41,7 @@ class _Incoming:
 
 
 class PeerServicer:
-    """Push and Ping for one rank; generation and rank are read live from the transport.
+    """Push, PushOne and Ping for one rank; generation and rank are read live from the transport.
 
     Registered through a generic handler (``_handlers``) rather than the generated
     ``zerop2p_pb2_grpc`` module, whose grpcio version guard would refuse older runtimes."""
@@ -58,43 +59,47 @@ class PeerServicer:
     async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
         h = await anext(aiter(request_iterator), None)
         if not isinstance(h, pb.TensorHeader):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+            await _refuse(request_iterator, context, grpc.StatusCode.INVALID_ARGUMENT,
+                          "Push must start with a header")
         return await self._receive(h, request_iterator, context)
 
     async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
         h, data = request
+        if h is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
         return await self._receive(h, _once(data), context)
 
     async def _receive(self, h: pb.TensorHeader, data_frames, context) -> pb.PushReply:
         """Validate ``h`` against its slot, copy the frames' bytes into place, count them."""
         current = self._generation()
         if h.generation < current:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"key {h.key} sender {h.sender}: generation expected "
-                                f"{current}, actual {h.generation} (stale)")
+            await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
+                          f"key {h.key} sender {h.sender}: generation expected {current}, "
+                          f"actual {h.generation} (stale)")
         wait = context.time_remaining() or DEFAULT_WAIT
         try:
             slot = await self._acc.slot(h.key, wait)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"key {h.key}: rank {self._rank()} never opened it")
+            await _refuse(data_frames, context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"key {h.key}: rank {self._rank()} never opened it")
         if slot is None or slot.has(h.origin):
+            await _drain(data_frames)
             return pb.PushReply(received_bytes=0, duplicate=True)
         try:
             incoming = self._validate(slot, h)
         except ContributionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
         pos = 0
         async for data in data_frames:
             if not isinstance(data, memoryview):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"key {h.key} sender {h.sender}: a second header")
+                await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"key {h.key} sender {h.sender}: a second header")
             end = pos + len(data)
             if end > h.total_bytes:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"key {h.key} sender {h.sender}: more than the announced "
-                                    f"{h.total_bytes} bytes")
+                await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"key {h.key} sender {h.sender}: more than the announced "
+                              f"{h.total_bytes} bytes")
             dest[pos:end] = data
             pos = end
         if pos != h.total_bytes:
@@ -141,6 +146,23 @@ class PeerServicer:
         """Drop partial receive state of a key that finished or failed."""
         for ident in [i for i in self._incoming if i[0] == key]:
             del self._incoming[ident]
+
+
+async def _drain(frames, limit: int = MAX_DRAIN_BYTES) -> None:
+    """Read and drop what the client still streams (up to ``limit`` bytes) before answering:
+    a server that answers while the client is still writing can have its status replaced by
+    INTERNAL on the client's side (grpc/grpc#36066), losing the message that names the problem."""
+    seen = 0
+    async for frame in frames:
+        seen += len(frame) if isinstance(frame, memoryview) else 0
+        if seen > limit:
+            return
+
+
+async def _refuse(frames, context, code: grpc.StatusCode, message: str) -> None:
+    """Abort with ``code`` and ``message`` once the client has finished its stream."""
+    await _drain(frames)
+    await context.abort(code, message)
 
 
 async def _once(data: memoryview):

@@ -4,6 +4,7 @@ generations, idempotent retries, deadlines, TLS."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import subprocess
 
@@ -21,13 +22,29 @@ from communication.proto import zerop2p_pb2 as pb
 KEY = "g3/s0/u0/m0/reduce_scatter"
 
 
+class CountingServicer(PeerServicer):
+    """The real servicer, counting which RPC carried each push."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = collections.Counter()
+
+    async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        self.calls["Push"] += 1
+        return await super().Push(request_iterator, context)
+
+    async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
+        self.calls["PushOne"] += 1
+        return await super().PushOne(request, context)
+
+
 class Node:
     """A real server on port 0 with its accumulator, at generation 3 as rank 0 of 2."""
 
     async def start(self, *, token="secret", tls=None):
         self.acc = Accumulator(asyncio.get_running_loop())
         self.gen = 3
-        self.servicer = PeerServicer(self.acc, rank=lambda: 0, generation=lambda: self.gen)
+        self.servicer = CountingServicer(self.acc, rank=lambda: 0, generation=lambda: self.gen)
         self.server, self.port = await create_server(self.servicer, token=token, tls=tls)
         return self
 
@@ -68,7 +85,20 @@ async def test_push_lands_in_the_slot_and_a_retry_is_a_duplicate(node, chunk_byt
     assert again.duplicate
     await slot.wait(1.0)
     assert slot.result().tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert node.servicer.calls == {"Push" if chunk_bytes < 16 else "PushOne": 2}
     await client.close()
+
+
+async def test_push_one_without_a_header_is_invalid_argument(node):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{node.port}")
+    call = channel.unary_unary("/zerop2p.Peer/PushOne", request_serializer=None,
+                               response_deserializer=pb.PushReply.FromString)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(pb.TensorChunk(data=b"1234").SerializeToString(), timeout=5.0,
+                   metadata=(("authorization", "Bearer secret"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "without a header" in info.value.details()
+    await channel.close()
 
 
 async def test_two_byte_ranges_make_one_contribution(node):

@@ -56,3 +56,5 @@ def test_hand_framed_chunk_is_a_valid_tensor_chunk_both_ways():
         for message in (raw, pb.TensorChunk(header=header, data=payload).SerializeToString()):
             got_header, got = parse_chunk(message)
             assert got_header == header and bytes(got) == payload
+            assert not n or got.obj is message  # a view into the received bytes, no copy
+    assert parse_chunk(pb.TensorChunk(data=b"x").SerializeToString())[0] is None
