@@ -128,6 +128,31 @@ async def test_client_rides_out_a_coordinator_restart(tmp_path):
         first.kill()
 
 
+async def test_barrier_wait_keeps_its_deadline_across_a_coordinator_restart(tmp_path):
+    """A poll retried once the coordinator is back asks to be held for the time left, not for
+    the first poll's wait, so the barrier times out on time (it ran a whole poll late before)."""
+    log = tmp_path / "c.log"
+    first = CoordinatorProcess(db=str(tmp_path / "c.db"), log=log).start()
+    c = CoordinatorClient(first.url, token=TOKEN, worker_id="w0", max_backoff=0.2)
+    try:
+        await c.register("127.0.0.1", 52000)
+        first.kill()
+        t0 = time.monotonic()
+        waiting = asyncio.ensure_future(c.wait_ready(2, timeout=5.0))  # one worker: never met
+        await asyncio.sleep(0.5)
+        second = CoordinatorProcess(db=str(tmp_path / "c.db"), port=first.port, log=log)
+        await asyncio.to_thread(second.start)
+        try:
+            with pytest.raises(TimeoutError, match=r"barrier for 2 workers .* \(1 alive"):
+                await asyncio.wait_for(waiting, 30)
+            assert time.monotonic() - t0 < 6.0
+        finally:
+            second.kill()
+    finally:
+        await c.close()
+        first.kill()
+
+
 # -- HeartbeatTask -------------------------------------------------------------------------------
 
 async def test_heartbeat_task_keeps_a_worker_alive_and_stops_at_once(fast_url):

@@ -113,7 +113,7 @@ class CoordinatorClient:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
                     asyncio.TimeoutError) as exc:  # a coordinator killed mid-response
                 problem = f"{type(exc).__name__}: {exc}"
-            delay = min(self.max_backoff, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+            delay = self._backoff(attempt)
             if time.monotonic() + delay > deadline:
                 raise CoordinatorError(None, f"{method} {self.url}{path} failed for "
                                              f"{attempt + 1} attempts: {problem}")
@@ -121,6 +121,10 @@ class CoordinatorClient:
                 log.warning("coordinator %s %s: %s; retrying", method, path, problem)
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt + 1``: capped, exponential, jittered."""
+        return min(self.max_backoff, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     async def register(self, ip_address: str, port: int, *, retry_for: float | None = None,
                        **info: Any) -> dict:
@@ -162,17 +166,34 @@ class CoordinatorClient:
     async def wait_ready(self, min_workers: int, *, timeout: float,
                          after_generation: int | None = None) -> Generation:
         """Long-poll the barrier until a generation (newer than ``after_generation``, if
-        given) includes this worker; TimeoutError after ``timeout`` seconds."""
+        given) includes this worker; TimeoutError after ``timeout`` seconds (the last poll may
+        end up to one request timeout later).
+
+        Each poll asks the server to hold it for at most the time left, so the loop retries
+        unreachable coordinators itself: a retry inside ``_request`` would resend a stale wait
+        and could overrun the deadline by a whole poll."""
         deadline = time.monotonic() + timeout
         answer: dict = {"active_workers": 0}
+        attempt = 0
         while (remaining := deadline - time.monotonic()) > 0:
             chunk = min(remaining, WAIT_CHUNK_S)
             params = {"min_workers": min_workers, "worker_id": self.worker_id,
                       "wait": f"{chunk:.3f}"}
             if after_generation is not None:
                 params["after"] = after_generation
-            answer = await self._request("GET", "/training/ready", params=params,
-                                         timeout=chunk + self.request_timeout, retry_for=remaining)
+            try:
+                answer = await self._request("GET", "/training/ready", params=params,
+                                             timeout=chunk + self.request_timeout, retry_for=0.0)
+            except CoordinatorError as exc:
+                delay = self._backoff(attempt)
+                if exc.status is not None or time.monotonic() + delay >= deadline:
+                    raise  # a refusal, or unreachable until the deadline
+                if attempt == 0:
+                    log.warning("coordinator barrier: %s; retrying", exc.message)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
             gen = _generation(answer, self.worker_id)
             if gen is not None and (after_generation is None or gen.generation > after_generation):
                 return gen

@@ -75,13 +75,18 @@ class Membership:
 
     def join(self, min_workers: int, *, timeout: float) -> Generation:
         """Register, start heartbeating, and wait at the barrier for a generation; all of it
-        within ``timeout`` seconds."""
+        within ``timeout`` seconds (the last request may end one request timeout later)."""
         async def _join() -> Generation:
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
             await self._client.register(**self._registration, retry_for=timeout)
             self._heartbeat.start()
-            return await self._client.wait_ready(min_workers,
-                                                 timeout=max(0.0, deadline - time.monotonic()))
+            remaining = start + timeout - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self.worker_id}: registering at the coordinator {self._client.url} took "
+                    f"{time.monotonic() - start:.1f}s of the {timeout:.1f}s join timeout; the "
+                    "barrier was not reached")
+            return await self._client.wait_ready(min_workers, timeout=remaining)
 
         gen = self._call(_join(), timeout, f"join (min_workers={min_workers})")
         self._last_generation = gen.generation
