@@ -33,17 +33,22 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_coordinator(**given) -> None:
+def run_coordinator(*, host: str | None = None, port: int | None = None, db: str | None = None,
+                    token: str | None = None, heartbeat_timeout: float | None = None,
+                    log_level: str | None = None) -> None:
     """Serve until interrupted. Prints ``coordinator listening on URL`` once, on stdout.
 
-    ``given`` are Settings fields; one that is None or absent comes from ``$ZEROP2P_<FIELD>``
-    or the Settings default. Without a token every route is open.
+    An option left None comes from ``$ZEROP2P_<NAME>`` or the Settings default (the defaults
+    live there alone). Without a token every route is open.
     """
+    given = {"host": host, "port": port, "db": db, "token": token,
+             "heartbeat_timeout": heartbeat_timeout, "log_level": log_level}
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
     host, port, token, log_level = (settings.host, settings.port, settings.token,
                                     settings.log_level)
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level.upper())  # also when a caller set up logging first
     app = create_app(settings)
     sock = bind(host, port)
     actual = sock.getsockname()[1]

@@ -80,3 +80,21 @@ def test_stdout_is_one_line_and_settings_come_from_the_environment(tmp_path, mon
         proc.terminate()
         rest, _ = proc.communicate(timeout=10)
     assert rest == ""  # nothing but the URL line ever went to stdout
+
+
+def test_zerop2p_coordinator_takes_its_log_level_from_the_environment(tmp_path):
+    """ZEROP2P_LOG_LEVEL reaches the coordinator's own loggers under the zerop2p CLI too (the
+    CLI sets up logging first, which used to leave them at INFO)."""
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "coordinator", "--port", "0",
+                             "--db", ":memory:"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                 "ZEROP2P_LOG_LEVEL": "warning", "ZEROP2P_TOKEN": ""})
+    try:
+        assert URL_LINE.match(proc.stdout.readline().rstrip("\n"))
+        time.sleep(0.5)  # past the app's start-up, which logs at INFO
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "no token set" in err  # a WARNING gets through
+    assert " INFO " not in err, err
