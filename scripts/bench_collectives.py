@@ -3,9 +3,9 @@
 Each backend runs as ``--world-size`` separate processes on loopback. For every size (the full
 tensor: the all-gather output, the reduce-scatter input, float32) it warms up, then takes the
 median of ``--runs`` timed runs, each started after a barrier. Bandwidths follow nccl-tests:
-algbw = size / time, busbw = algbw * (W - 1) / W; cpu ms is rank 0's process CPU (all its
-threads) per timed run: on a machine with few cores the transports are CPU-bound, and this is
-the steadier number. Prints a table; the last line is JSON.
+algbw = size / time, busbw = algbw * (W - 1) / W; cpu ms is the mean of rank 0's process CPU
+(all its threads) over the timed runs: on a machine with few cores the transports are CPU-bound,
+and this is the steadier number. Prints a table; the last line is JSON.
 """
 
 from __future__ import annotations

@@ -265,17 +265,18 @@ def build_manifest(engine, state: TrainerState, config, *, world_size: int, file
 
 def publish(root: Path, tmp: Path, final: Path) -> None:
     """Make the complete directory ``tmp`` the checkpoint ``final``: fsync it, move an older
-    ``final`` aside, rename, fsync the root, point ``latest`` at it. A crash at any point
-    leaves either the old checkpoint or the new one, never a torn one under a final name."""
+    ``final`` aside, rename, fsync the root, point ``latest`` at it, then delete the old one.
+    A crash leaves a complete checkpoint under the final name or none there (for an instant
+    while an older one of the same step is swapped out; earlier steps stay), never a torn one."""
     fsync_dir(tmp)
+    old = root / f"{final.name}.replaced"
     if final.exists():  # a step written again (after a resume, or a torn rescue target)
-        old = root / f"{final.name}.replaced"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        shutil.rmtree(old)
     os.replace(tmp, final)
     fsync_dir(root)
     write_latest(root, final.name)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- loading ------------------------------------------------------------------------------
