@@ -10,6 +10,7 @@ several byte ranges (offsets) on parallel streams; it counts once all its bytes 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -57,55 +58,64 @@ class PeerServicer:
         return pb.PingReply(rank=self._rank(), generation=self._generation())
 
     async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
-        h = await anext(aiter(request_iterator), None)
-        if not isinstance(h, pb.TensorHeader):
-            await _refuse(request_iterator, context, grpc.StatusCode.INVALID_ARGUMENT,
-                          "Push must start with a header")
-        return await self._receive(h, request_iterator, context)
+        try:
+            h = await anext(aiter(request_iterator), None)
+            if not isinstance(h, pb.TensorHeader):
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+            reply = await self._receive(h, request_iterator, context)
+        except _Refusal as refusal:
+            await _drain(request_iterator, context)
+            await context.abort(refusal.code, refusal.message)
+        if reply.duplicate:
+            await _drain(request_iterator, context)
+        return reply
 
     async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
         h, data = request
-        if h is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
-        return await self._receive(h, _once(data), context)
+        try:
+            if h is None:
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
+            return await self._receive(h, _once(data), context)
+        except _Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
 
     async def _receive(self, h: pb.TensorHeader, data_frames, context) -> pb.PushReply:
-        """Validate ``h`` against its slot, copy the frames' bytes into place, count them."""
+        """Validate ``h`` against its slot, copy the frames' bytes into place, count them.
+        Raises _Refusal (the caller answers it); a duplicate's frames are left unread."""
         current = self._generation()
         if h.generation < current:
-            await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
-                          f"key {h.key} sender {h.sender}: generation expected {current}, "
-                          f"actual {h.generation} (stale)")
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"key {h.key} sender {h.sender}: generation expected {current}, "
+                           f"actual {h.generation} (stale)")
         wait = context.time_remaining() or DEFAULT_WAIT
         try:
             slot = await self._acc.slot(h.key, wait)
         except TimeoutError:
-            await _refuse(data_frames, context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"key {h.key}: rank {self._rank()} never opened it")
+            raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"key {h.key}: rank {self._rank()} never opened it") from None
         if slot is None or slot.has(h.origin):
-            await _drain(data_frames)
             return pb.PushReply(received_bytes=0, duplicate=True)
         try:
             incoming = self._validate(slot, h)
         except ContributionError as exc:
-            await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
         pos = 0
         async for data in data_frames:
             if not isinstance(data, memoryview):
-                await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"key {h.key} sender {h.sender}: a second header")
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"key {h.key} sender {h.sender}: a second header")
             end = pos + len(data)
             if end > h.total_bytes:
-                await _refuse(data_frames, context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"key {h.key} sender {h.sender}: more than the announced "
-                              f"{h.total_bytes} bytes")
+                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"key {h.key} sender {h.sender}: more than the announced "
+                               f"{h.total_bytes} bytes")
             dest[pos:end] = data
             pos = end
         if pos != h.total_bytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"key {h.key} sender {h.sender}: expected {h.total_bytes} "
-                                f"bytes, actual {pos}")
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"key {h.key} sender {h.sender}: expected {h.total_bytes} bytes, "
+                           f"actual {pos}")
         if not slot.has(h.origin):
             incoming.ranges[h.offset] = h.total_bytes
             if sum(incoming.ranges.values()) == incoming.total:
@@ -148,21 +158,30 @@ class PeerServicer:
             del self._incoming[ident]
 
 
-async def _drain(frames, limit: int = MAX_DRAIN_BYTES) -> None:
-    """Read and drop what the client still streams (up to ``limit`` bytes) before answering:
-    a server that answers while the client is still writing can have its status replaced by
-    INTERNAL on the client's side (grpc/grpc#36066), losing the message that names the problem."""
-    seen = 0
-    async for frame in frames:
-        seen += len(frame) if isinstance(frame, memoryview) else 0
-        if seen > limit:
-            return
+class _Refusal(Exception):
+    """A contribution refused with ``code``; the message names the key, sender and mismatch."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
-async def _refuse(frames, context, code: grpc.StatusCode, message: str) -> None:
-    """Abort with ``code`` and ``message`` once the client has finished its stream."""
-    await _drain(frames)
-    await context.abort(code, message)
+async def _drain(frames, context) -> None:
+    """Read and drop what the client still streams (up to MAX_DRAIN_BYTES, within the call's
+    deadline) before answering: a server that answers while the client is still writing can
+    have its status replaced by INTERNAL on the client's side (grpc/grpc#36066), losing the
+    message that names the problem."""
+    async def read() -> None:
+        seen = 0
+        async for frame in frames:
+            seen += len(frame) if isinstance(frame, memoryview) else 0
+            if seen > MAX_DRAIN_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(read(), context.time_remaining() or DEFAULT_WAIT)
+    except asyncio.TimeoutError:
+        log.warning("a refused stream was still open at its deadline; answering anyway")
 
 
 async def _once(data: memoryview):
