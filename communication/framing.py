@@ -28,21 +28,26 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _prefix(tag: int, n: int) -> bytes:
+    """A length-delimited field's tag and varint length."""
+    return bytes((tag,)) + _varint(n)
+
+
 def header_frame(header: pb.TensorHeader) -> bytes:
-    """The serialised first frame of a Push stream."""
-    return pb.TensorFrame(header=header).SerializeToString()
+    """The serialised first frame of a Push stream: TensorFrame{header}."""
+    h = header.SerializeToString()
+    return _prefix(_HEADER_TAG, len(h)) + h
 
 
 def data_frame(payload: memoryview) -> bytes:
     """A serialised TensorFrame{data: payload}, copying the payload once."""
-    return b"".join((bytes((_DATA_TAG,)), _varint(len(payload)), payload))
+    return b"".join((_prefix(_DATA_TAG, len(payload)), payload))
 
 
 def chunk_message(header: pb.TensorHeader, payload: memoryview) -> bytes:
-    """A serialised TensorChunk{header, data: payload}, copying the payload once."""
-    h = header.SerializeToString()
-    return b"".join((bytes((_HEADER_TAG,)), _varint(len(h)), h, bytes((_DATA_TAG,)),
-                     _varint(len(payload)), payload))
+    """A serialised TensorChunk{header, data: payload}, copying the payload once (TensorChunk
+    numbers its fields as TensorFrame does, so it is a header frame followed by a data field)."""
+    return b"".join((header_frame(header), _prefix(_DATA_TAG, len(payload)), payload))
 
 
 def _field(raw: bytes, i: int, tag: int) -> tuple[int, int] | None:
