@@ -48,7 +48,6 @@ def run_coordinator(*, host: str | None = None, port: int | None = None, db: str
                                     settings.log_level)
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(log_level.upper())  # also when a caller set up logging first
     app = create_app(settings)
     sock = bind(host, port)
     actual = sock.getsockname()[1]

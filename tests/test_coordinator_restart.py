@@ -10,6 +10,9 @@ import time
 import pytest
 from coordinator_helpers import ROOT, URL_LINE, CoordinatorProcess, client, register, statuses
 
+from worker.launcher import URL_LINE as LAUNCHER_URL_LINE
+from worker.launcher import spawn, stop_all
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -82,19 +85,19 @@ def test_stdout_is_one_line_and_settings_come_from_the_environment(tmp_path, mon
     assert rest == ""  # nothing but the URL line ever went to stdout
 
 
-def test_zerop2p_coordinator_takes_its_log_level_from_the_environment(tmp_path):
+def test_zerop2p_coordinator_takes_its_log_level_from_the_environment():
     """ZEROP2P_LOG_LEVEL reaches the coordinator's own loggers under the zerop2p CLI too (the
-    CLI sets up logging first, which used to leave them at INFO)."""
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "coordinator", "--port", "0",
-                             "--db", ":memory:"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                 "ZEROP2P_LOG_LEVEL": "warning", "ZEROP2P_TOKEN": ""})
+    CLI used to set up logging first, which left them at INFO)."""
+    argv = [sys.executable, "-m", "worker.cli", "coordinator", "--port", "0", "--db", ":memory:"]
+    child, url = spawn("coordinator", argv, env={"ZEROP2P_LOG_LEVEL": "warning",
+                                                 "ZEROP2P_TOKEN": ""},
+                       echo=False, wait_for=LAUNCHER_URL_LINE, timeout=20)
     try:
-        assert URL_LINE.match(proc.stdout.readline().rstrip("\n"))
-        time.sleep(0.5)  # past the app's start-up, which logs at INFO
+        with client(url, token=None) as http:
+            register(http, "w0")  # answered after start-up; start-up and registering log INFO
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+        stop_all([child], grace=5)
+        child.thread.join(5)
+    err = "\n".join(child.lines)
     assert "no token set" in err  # a WARNING gets through
     assert " INFO " not in err, err

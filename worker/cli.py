@@ -47,7 +47,7 @@ def coordinator(
     """Run the coordinator: registration, heartbeats, the training barrier, telemetry."""
     from coordinator.server import run_coordinator
 
-    _logging(log_level or setting_default("log_level"))
+    # run_coordinator sets up logging itself, at the level Settings resolves.
     run_coordinator(host=host, port=port, db=db, token=token,
                     heartbeat_timeout=heartbeat_timeout, log_level=log_level)
 
