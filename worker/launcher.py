@@ -99,8 +99,9 @@ def restart(child: Child) -> Child:
 
 def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0) -> None:
     """Wait until every child exits 0. A child that fails is restarted (same command) up to
-    ``max_restarts`` times in all; past that, or at the deadline, every child is killed and the
-    failing one named. ``children`` is updated in place with the restarted processes."""
+    ``max_restarts`` times in all; past that, or at the deadline, every child is stopped
+    (stop_all: SIGINT, then SIGKILL) and the failing one named. ``children`` is updated in
+    place with the restarted processes."""
     exits: queue.Queue[Child] = queue.Queue()
 
     def watch(c: Child) -> None:
@@ -115,7 +116,7 @@ def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0) -
         try:
             child = exits.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
-            kill_all(children)
+            stop_all(children)  # SIGINT first: a worker leaves its coordinator
             raise TimeoutError(f"{sorted(pending)} still running after {timeout}s") from None
         if child.proc.returncode == 0:
             pending.discard(child.name)
@@ -128,7 +129,7 @@ def supervise(children: list[Child], *, timeout: float, max_restarts: int = 0) -
             children[children.index(child)] = fresh
             watch(fresh)
             continue
-        kill_all(children)
+        stop_all(children)
         if child.thread:
             child.thread.join(timeout=5)
         tail = "\n".join(child.lines[-30:])
