@@ -134,20 +134,21 @@ class CoordinatorClient:
         return await self._request("POST", "/workers/register", body=self._registration,
                                    retry_for=retry_for)
 
-    async def heartbeat(self, **status: Any) -> dict:
+    async def heartbeat(self, *, retry_for: float | None = None, **status: Any) -> dict:
         """Heartbeat with optional status; re-registers if the coordinator forgot us (404)
         or declared us dead (409) while this process is in fact alive."""
         body = {k: v for k, v in status.items() if v is not None}
         path = f"/workers/{self.worker_id}/heartbeat"
         try:
-            return await self._request("POST", path, body=body)
+            return await self._request("POST", path, body=body, retry_for=retry_for)
         except CoordinatorError as exc:
             if exc.status not in (404, 409) or self._registration is None:
                 raise
             log.warning("coordinator does not count %s as alive (%s); registering again",
                         self.worker_id, exc.message)
-        await self._request("POST", "/workers/register", body=self._registration)
-        return await self._request("POST", path, body=body)
+        await self._request("POST", "/workers/register", body=self._registration,
+                            retry_for=retry_for)
+        return await self._request("POST", path, body=body, retry_for=retry_for)
 
     async def leave(self, *, retry_for: float | None = None) -> dict:
         """Leave gracefully (the generation this worker is in ends)."""

@@ -48,7 +48,9 @@ class HeartbeatTask:
         failing = False
         while True:
             try:
-                await self.client.heartbeat(**self._status)
+                # Retried for one period at most: the next beat is the retry, with fresh status
+                # (the client's own window is a minute of resending a stale one).
+                await self.client.heartbeat(retry_for=self.interval, **self._status)
                 self.sent += 1
                 if failing:
                     log.info("%s: heartbeats reach the coordinator again", self.client.worker_id)
