@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows  # noqa: E402
+from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows, run_ranks  # noqa: E402
 
 
 def build(args):
@@ -98,9 +97,7 @@ def worker(args) -> None:
                 times[True][-1] += waited
                 elapsed -= waited
             times[on].append(elapsed)
-    if schedule[-1]:
-        buddy.settle()
-    ckpt.cleanup()
+    ckpt.cleanup()  # the schedule ends with an off block, whose first step settled the last shift
     owned = sum(u.st for u in engine.units)
     result = {"rank": rank, "world_size": world, "n_params": sum(u.layout.trainable_numel
                                                                   for u in engine.units),
@@ -127,13 +124,7 @@ def launch(args) -> list[dict]:
             str(args.hidden), "--seq-len", str(args.seq_len), "--rows", str(args.rows),
             "--rounds", str(args.rounds), "--block", str(args.block), "--warmup",
             str(args.warmup), "--threads", str(args.threads)]
-    procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in range(args.world_size)]
-    outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
-    for r, (p, text) in enumerate(zip(procs, outs)):
-        if p.returncode != 0:
-            raise RuntimeError(f"rank {r} failed:\n{text[-3000:]}")
+    run_ranks(argv, args.world_size, timeout=args.timeout)
     return [json.loads(store.get(f"result/{r}").decode()) for r in range(args.world_size)]
 
 

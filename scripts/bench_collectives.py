@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from communication.collectives import Key, Phase  # noqa: E402
+from worker.main import free_port  # noqa: E402
 
 WAIT = timedelta(seconds=120)
 OPS = ("all_gather", "reduce_scatter")
@@ -93,9 +94,7 @@ def worker(args) -> None:
 
 def run_backend(backend: str, args) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=WAIT)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gloo_port = s.getsockname()[1]
+    gloo_port = free_port("127.0.0.1")
     cmd = [sys.executable, __file__, "--worker", "--backend", backend, "--store-port",
            str(store.port), "--gloo-port", str(gloo_port), "--world-size", str(args.world_size),
            "--sizes-mb", ",".join(str(s) for s in args.sizes_mb), "--codec", args.codec,

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import torch
 
+from worker.batching import per_rank_rows
+
 WAIT = timedelta(seconds=120)  # rendezvous deadline of every benchmark process
 
 
@@ -23,7 +25,7 @@ def random_rows(*, step: int, rows: int, seq_len: int, rank: int, world: int) ->
     """This rank's share of step ``step``'s global batch of seeded random tokens."""
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, 257, (rows, seq_len), generator=g)
-    b = rows // world
+    b = per_rank_rows(rows, world)
     ids = ids[rank * b : (rank + 1) * b]
     return {"input_ids": ids, "labels": ids}
 
@@ -42,3 +44,13 @@ def grpc_rendezvous(store, *, rank: int, world: int, timeout: float = 120.0):
     store.set(f"ready/{rank}", "1")
     store.wait([f"ready/{r}" for r in range(world)], WAIT)
     return transport, coll
+
+
+def run_ranks(argv: list[str], world: int, *, timeout: float) -> list[list[str]]:
+    """Run ``argv --rank r`` for every rank under one deadline; each rank's output lines. A rank
+    that fails, or the deadline, stops every rank and names the failing one (launcher.supervise)."""
+    from worker.launcher import spawn, supervise
+
+    children = [spawn(f"rank{r}", [*argv, "--rank", str(r)], echo=False)[0] for r in range(world)]
+    supervise(children, timeout=timeout)
+    return [child.lines for child in children]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows  # noqa: E402
+from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows, run_ranks  # noqa: E402
+
+from worker.main import free_port  # noqa: E402
 
 
 def build(args):
@@ -103,23 +104,14 @@ def worker(args) -> None:
 
 def launch(args, mode: str, world: int, *, prefetch: bool = True) -> dict:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=WAIT)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        store.set("gloo_addr", f"127.0.0.1:{s.getsockname()[1]}")
+    store.set("gloo_addr", f"127.0.0.1:{free_port('127.0.0.1')}")
     argv = [sys.executable, __file__, "--role", "worker", "--mode", mode, "--world-size",
             str(world), "--store-port", str(store.port), "--layers", str(args.layers),
             "--hidden", str(args.hidden), "--seq-len", str(args.seq_len), "--rows",
             str(args.rows), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--threads", str(args.threads)] + ([] if prefetch else ["--no-prefetch"])
-    procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
-    for r, (p, text) in enumerate(zip(procs, outs)):
-        if p.returncode != 0:
-            raise RuntimeError(f"{mode} rank {r} failed:\n{text[-3000:]}")
-    line = next(x for x in outs[0].splitlines() if x.startswith("RESULT "))
+    lines = run_ranks(argv, world, timeout=args.timeout)[0]
+    line = next(x for x in lines if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -165,7 +157,8 @@ def main() -> None:
     memory = []  # byte accounting is deterministic: one run per configuration
     # Prefetching the next unit keeps two units gathered at once (faster, more memory).
     for prefetch, world in [(p, w) for p in (True, False) for w in (1, 2, 4)]:
-        r = launch(args, "gloo", world, prefetch=prefetch)
+        seen = runs.get(("gloo", world, prefetch))  # the throughput rounds measured it already
+        r = seen[0] if seen else launch(args, "gloo", world, prefetch=prefetch)
         total_state = r["n_params"] * 16
         ideal = total_state / world + r["largest_unit_bytes"]
         actual = r["state_bytes"] + r["peak_unsharded_bytes"]
