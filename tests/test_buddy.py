@@ -5,13 +5,12 @@ at the same world size; within float tolerance after resharding 3 -> 2)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import assert_same_weights, result
 
 from worker.launcher import kill_all, run_local_cluster, spawn, start_coordinator, worker_argv
 
@@ -27,11 +26,6 @@ def args_for(out: Path, *, buddy: bool) -> list[str]:
     # Only the final checkpoint: without the buddy a failure would restart from step 0.
     return ARGS + ["--checkpoint-dir", str(out / "ckpt"), "--checkpoint-every", "0",
                    "--output", str(out), "--buddy", str(buddy).lower()]
-
-
-def result(out: Path) -> tuple[dict, dict]:
-    return (json.loads((out / "result.json").read_text()),
-            load_file(str(out / "weights.safetensors")))
 
 
 def resumes(workers) -> list[tuple[int, int, int]]:
@@ -66,9 +60,7 @@ def test_lost_worker_resumes_at_the_failed_step_bit_identical(tmp_path, baseline
     res, weights = result(tmp_path)
     ref_res, ref_weights = baseline
     assert res["losses"] == ref_res["losses"]
-    assert weights.keys() == ref_weights.keys()
-    for name, w in ref_weights.items():
-        assert torch.equal(weights[name], w), f"{name} differs from the uninterrupted run"
+    assert_same_weights(weights, ref_weights)
 
 
 @pytest.mark.timeout(300)

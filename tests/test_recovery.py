@@ -4,7 +4,6 @@ an uninterrupted run (bit-identical: same world size, resumed from per-step chec
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import time
@@ -14,7 +13,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
+from run_helpers import assert_same_weights, result
 
 from worker.faults import PHASES
 from worker.launcher import kill_all, run_local_cluster, spawn, start_coordinator, supervise, worker_argv
@@ -36,11 +35,6 @@ def train(out: Path, *, env: dict | None = None, restarts: int = 0) -> list:
     args = ARGS + ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--output", str(out)]
     return run_local_cluster(2, args, token=TOKEN, echo=False, timeout=400, max_restarts=restarts,
                              worker_env=env)
-
-
-def result(out: Path) -> tuple[dict, dict]:
-    return (json.loads((out / "result.json").read_text()),
-            load_file(str(out / "weights.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +59,7 @@ def test_kill_at_every_phase_resumes_to_the_uninterrupted_weights(tmp_path, base
     ref_res, ref_weights = baseline
     assert res["losses"] == ref_res["losses"]
     assert res["generation"] > len(PHASES), "every fault should have needed a new generation"
-    assert weights.keys() == ref_weights.keys()
-    for name, w in ref_weights.items():
-        assert torch.equal(weights[name], w), f"{name} differs from the uninterrupted run"
+    assert_same_weights(weights, ref_weights)
 
 
 @pytest.mark.timeout(300)
@@ -104,6 +96,7 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path, baseline):
     assert res["generation"] == 1, "training should not have restarted"
     assert res["losses"] == baseline[0]["losses"]
     assert all(torch.equal(weights[k], v) for k, v in baseline[1].items())
+    assert_same_weights(weights, baseline[1])
 
 
 @pytest.mark.timeout(180)
