@@ -147,9 +147,11 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
         engine = shard(cfg.train, model, collectives, gen.generation)
 
         def on_step(st) -> None:
-            membership.update_status(phase="train", step=st.step, loss=st.loss,
-                                     tokens_per_s=st.tokens_per_s)
+            # Telemetry also moves the coordinator's step/loss/throughput columns; heartbeats
+            # carry only the phase (they used to repeat these three every step).
             membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
+
+        membership.update_status(phase="train")
 
         trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
                           world_size=gen.world_size, on_step=on_step)
