@@ -104,13 +104,11 @@ class Coordinator:
         return dead
 
     def telemetry(self, worker_id: str, metrics: dict[str, Any]) -> None:
-        """Append one telemetry row for a known worker."""
-        self._known(worker_id)
-        self.store.add_telemetry(worker_id, ts=time.time(), metrics=metrics,
-                                 keep=TELEMETRY_ROWS_PER_WORKER)
-        progress = {k: metrics.get(k) for k in ("step", "loss", "tokens_per_s")}
-        if any(v is not None for v in progress.values()):
-            self.store.progress(worker_id, progress)
+        """Append one telemetry row for a known worker (one transaction; the lookup that names
+        a 404 runs only when nothing was written)."""
+        if not self.store.add_telemetry(worker_id, ts=time.time(), metrics=metrics,
+                                        keep=TELEMETRY_ROWS_PER_WORKER):
+            self._known(worker_id)  # raises: unknown (404)
 
     # -- generations ---------------------------------------------------------------------------
 

@@ -117,17 +117,17 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def _tx(self, statements: list[tuple[str, tuple]]) -> None:
-        """Run statements in one transaction: all or nothing."""
+    def _tx(self, statements: list[tuple[str, tuple]]) -> list[int]:
+        """Run statements in one transaction, all or nothing; their row counts."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                counts = [self._db.execute(sql, args).rowcount for sql, args in statements]
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            return counts
 
     def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -167,21 +167,13 @@ class Store:
     def heartbeat(self, worker_id: str, *, now: float, status: dict[str, Any]) -> bool:
         """Record a heartbeat of an alive worker in one statement; status fields that are
         absent keep their last value. False (nothing written) if no alive worker has the id."""
-        with self._lock:
-            return self._db.execute("""
-                UPDATE workers SET last_heartbeat = ?, phase = COALESCE(?, phase),
-                    step = COALESCE(?, step), loss = COALESCE(?, loss),
-                    tokens_per_s = COALESCE(?, tokens_per_s)
-                WHERE worker_id = ? AND status = 'alive'""",
-                (now, status.get("phase"), status.get("step"), status.get("loss"),
-                 status.get("tokens_per_s"), worker_id)).rowcount == 1
-
-    def progress(self, worker_id: str, progress: dict[str, Any]) -> None:
-        """Update the last step/loss/throughput (from telemetry) without touching liveness."""
-        self._tx([("UPDATE workers SET step = COALESCE(?, step), loss = COALESCE(?, loss), "
-                   "tokens_per_s = COALESCE(?, tokens_per_s) WHERE worker_id = ?",
-                   (progress.get("step"), progress.get("loss"), progress.get("tokens_per_s"),
-                    worker_id))])
+        return self._tx([("""
+            UPDATE workers SET last_heartbeat = ?, phase = COALESCE(?, phase),
+                step = COALESCE(?, step), loss = COALESCE(?, loss),
+                tokens_per_s = COALESCE(?, tokens_per_s)
+            WHERE worker_id = ? AND status = 'alive'""",
+            (now, status.get("phase"), status.get("step"), status.get("loss"),
+             status.get("tokens_per_s"), worker_id))]) == [1]
 
     def set_status(self, worker_id: str, status: str) -> None:
         self._tx([("UPDATE workers SET status = ? WHERE worker_id = ?", (status, worker_id))])
@@ -241,15 +233,22 @@ class Store:
     # -- telemetry -----------------------------------------------------------------------------
 
     def add_telemetry(self, worker_id: str, *, ts: float, metrics: dict[str, Any],
-                      keep: int) -> None:
-        """Append one row and drop this worker's rows beyond the newest ``keep``."""
-        self._tx([
-            ("INSERT INTO telemetry (worker_id, ts, metrics) VALUES (?, ?, ?)",
-             (worker_id, ts, json.dumps(metrics))),
+                      keep: int) -> bool:
+        """In one transaction: move a known worker's step/loss/throughput columns (liveness
+        untouched), append the row, drop its rows beyond the newest ``keep``. False, with
+        nothing written, if no worker has the id."""
+        known, _, _ = self._tx([
+            ("UPDATE workers SET step = COALESCE(?, step), loss = COALESCE(?, loss), "
+             "tokens_per_s = COALESCE(?, tokens_per_s) WHERE worker_id = ?",
+             (metrics.get("step"), metrics.get("loss"), metrics.get("tokens_per_s"), worker_id)),
+            ("INSERT INTO telemetry (worker_id, ts, metrics) SELECT ?, ?, ? "
+             "WHERE EXISTS (SELECT 1 FROM workers WHERE worker_id = ?)",
+             (worker_id, ts, json.dumps(metrics), worker_id)),
             ("DELETE FROM telemetry WHERE worker_id = ? AND id <= (SELECT id FROM telemetry "
              "WHERE worker_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
              (worker_id, worker_id, keep)),
         ])
+        return known == 1
 
     def telemetry(self, worker_id: str | None, limit: int) -> list[tuple[str, float, dict]]:
         """The newest ``limit`` rows (of one worker, or of all), oldest first."""

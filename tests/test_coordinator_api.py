@@ -115,6 +115,9 @@ def test_telemetry_ring_is_bounded(tmp_path):
     from coordinator.store import Store
 
     store = Store(str(tmp_path / "ring.db"))
+    for worker_id in ("w0", "w1"):  # telemetry is kept for known workers only
+        store.upsert_worker(worker_id, ip_address="127.0.0.1", port=50000, device=None, info={},
+                            now=0.0)
     for i in range(30):
         store.add_telemetry("w0", ts=float(i), metrics={"step": i}, keep=10)
     store.add_telemetry("w1", ts=0.0, metrics={"step": 0}, keep=10)
