@@ -8,8 +8,9 @@ from coordinator.config import setting_default
 from coordinator.server import run_coordinator
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m coordinator",
+def main(argv: list[str] | None = None, prog: str = "python -m coordinator") -> None:
+    """Parse the coordinator's options (also ``zerop2p coordinator``'s) and serve."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Run the zerop2p coordinator.")
     # No defaults here: an option left out comes from $ZEROP2P_<NAME> or Settings.
     parser.add_argument("--host", help=f"address to bind (default {setting_default('host')})")

@@ -6,7 +6,6 @@ import logging
 
 import typer
 
-from coordinator.config import setting_default
 from worker.options import build_train_config, help_text
 
 log = logging.getLogger(__name__)
@@ -30,26 +29,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def coordinator(
-    host: str = typer.Option(None, help=f"address to bind [default: {setting_default('host')}]"),
-    port: int = typer.Option(None, help="port to bind; 0 picks a free one and prints it "
-                                        f"[default: {setting_default('port')}]"),
-    db: str = typer.Option(None, help="SQLite file (or :memory:) holding the state "
-                                      f"[default: {setting_default('db')}]"),
-    token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token (bearer auth)"),
-    heartbeat_timeout: float = typer.Option(None, help="seconds without a heartbeat: dead "
-                                                       "[default: "
-                                                       f"{setting_default('heartbeat_timeout')}]"),
-    log_level: str = typer.Option(None, help="debug, info, warning "
-                                             f"[default: {setting_default('log_level')}]"),
-) -> None:
-    """Run the coordinator: registration, heartbeats, the training barrier, telemetry."""
-    from coordinator.server import run_coordinator
+@app.command(context_settings={**PASS_THROUGH, "help_option_names": []},
+             add_help_option=False)
+def coordinator(ctx: typer.Context) -> None:
+    """Run the coordinator: registration, heartbeats, the training barrier, telemetry.
 
-    # run_coordinator sets up logging itself, at the level Settings resolves.
-    run_coordinator(host=host, port=port, db=db, token=token,
-                    heartbeat_timeout=heartbeat_timeout, log_level=log_level)
+    Its options are ``python -m coordinator``'s (see ``zerop2p coordinator --help``): one
+    definition, with defaults from the coordinator's Settings."""
+    from coordinator.__main__ import main
+
+    main(ctx.args, prog="zerop2p coordinator")
 
 
 @app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
