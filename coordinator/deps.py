@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from prometheus_client import CollectorRegistry
+from pydantic import AfterValidator
 
 from coordinator.barrier import Barrier
 from coordinator.models import WORKER_ID_PATTERN
@@ -28,5 +29,7 @@ CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 BarrierDep = Annotated[Barrier, Depends(_barrier)]
 RegistryDep = Annotated[CollectorRegistry, Depends(_registry)]
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN, max_length=128)]
-# Optional filters: empty (``?worker_id=``) means none, as a form left blank would send.
-WorkerIdQuery = Annotated[str | None, Query(pattern=r"^[^\x00-\x1f\x7f]{0,128}$", max_length=128)]
+# Optional filters: empty (``?worker_id=``) means none, as a form left blank would send; the
+# routes see None for both.
+WorkerIdQuery = Annotated[str | None, Query(pattern=f"^$|{WORKER_ID_PATTERN}", max_length=128),
+                          AfterValidator(lambda v: v or None)]

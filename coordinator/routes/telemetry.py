@@ -24,4 +24,4 @@ async def recent(coord: CoordinatorDep, worker_id: WorkerIdQuery = None,
            limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[TelemetryRow]:
     """The newest ``limit`` rows, oldest first, of one worker or of all."""
     return [TelemetryRow(worker_id=w, ts=ts, metrics=m)
-            for w, ts, m in coord.store.telemetry(worker_id or None, limit)]
+            for w, ts, m in coord.store.telemetry(worker_id, limit)]

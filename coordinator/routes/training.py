@@ -20,7 +20,7 @@ async def ready(barrier: BarrierDep,
                 after: Annotated[int | None, Query(ge=0)] = None) -> ReadyResponse:
     """The barrier (see ``coordinator.barrier``). ``wait`` long-polls up to 60 s;
     ``worker_id`` makes a non-member see ready false; ``after`` asks for a newer generation."""
-    return await barrier.ready(min_workers, wait=wait, worker_id=worker_id or None, after=after)
+    return await barrier.ready(min_workers, wait=wait, worker_id=worker_id, after=after)
 
 
 @router.get("/generation")
