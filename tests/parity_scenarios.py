@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from worker.config import TrainConfig
-from worker.data import DataConfig
-from worker.models import LoraSettings, ModelConfig, minilm_path
-from worker.optim import OptimConfig
+from worker.data.config import DataConfig
+from worker.models.config import ModelConfig
+from worker.models.loading import minilm_path
+from worker.models.lora import LoraSettings
+from worker.train.config import TrainConfig
+from worker.train.optim import OptimConfig
 
 STEPS = 3
 ROWS = 6  # divisible by world sizes 1, 2 and 3
 # Adam turns tiny gradient differences (float32 summation order) into update differences of up
 # to a few percent of lr on near-zero gradients, so lr bounds the weight difference we can ask for.
 LR = 1e-3
+# Adam's eps: at 1e-8, g / (sqrt(v) + eps) on a near-zero gradient is about sign(g), so float32
+# noise in g decides the update; 1e-6 keeps such elements' updates proportional to g.
+EPS = 1e-6
 DATA = DataConfig(source="stdlib", seq_len=32, max_tokens=200_000)
 
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(model=ModelConfig(name="tiny-gpt2"), data=DATA, steps=STEPS, micro_batch_rows=ROWS,
-                optim=OptimConfig(lr=LR, schedule="constant", max_grad_norm=None))
+                optim=OptimConfig(lr=LR, eps=EPS, schedule="constant", max_grad_norm=None))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -26,8 +31,8 @@ SCENARIOS: dict[str, TrainConfig] = {
     "gpt2": _cfg(),
     "llama": _cfg(model=ModelConfig(name="tiny-llama")),
     "accum": _cfg(grad_accum=2),
-    "clip": _cfg(optim=OptimConfig(lr=LR, schedule="constant", max_grad_norm=0.05)),
-    "cosine": _cfg(steps=4, optim=OptimConfig(lr=LR, schedule="cosine", warmup_steps=2,
+    "clip": _cfg(optim=OptimConfig(lr=LR, eps=EPS, schedule="constant", max_grad_norm=0.05)),
+    "cosine": _cfg(steps=4, optim=OptimConfig(lr=LR, eps=EPS, schedule="cosine", warmup_steps=2,
                                               max_grad_norm=1.0)),
     "sgd": _cfg(optim=OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, schedule="linear",
                                   max_grad_norm=None)),
