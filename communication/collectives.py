@@ -12,7 +12,7 @@ can overlap compute with communication and wait only when it needs the data.
 - ``barrier(key)``: completes once every rank has entered the barrier with the same key.
 - ``shift(key, tensor)``: rank ``r`` sends ``tensor`` to rank ``(r+1) % W`` and receives the one
   of rank ``(r-1) % W`` (every rank passes the same shape and dtype). It moves bytes, never
-  compressed: it carries master copies (the buddy replicas of worker/buddy.py).
+  compressed: it carries master copies (the buddy replicas of worker/state/buddy.py).
 
 Sums are accumulated in float32 for low-precision inputs and returned in the input's dtype, on
 the input's device. Contributions are summed in rank order once all have arrived (never in
@@ -33,30 +33,65 @@ import torch
 
 
 class Phase(str, enum.Enum):
-    """Which part of a step a collective belongs to; part of its Key."""
+    """What a collective is for; part of its Key, so an error names the real thing."""
 
-    GATHER_FORWARD = "gather_fwd"
-    GATHER_BACKWARD = "gather_bwd"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_REDUCE = "all_reduce"
-    BARRIER = "barrier"
-    BUDDY = "buddy"  # the buddy replica's shift after a step, and the rescue barriers
+    GATHER_FORWARD = "gather_fwd"  # a unit's parameters, before its forward
+    GATHER_BACKWARD = "gather_bwd"  # the same again, before its backward
+    GATHER_WEIGHTS = "gather_weights"  # full weights assembled for export or the final output
+    REDUCE_SCATTER = "reduce_scatter"  # a unit's gradient, summed into each owner's slice
+    ALL_REDUCE = "all_reduce"  # a small fp32 vector (grad norm, loss, tokens, eval totals)
+    BARRIER = "barrier"  # no data: every rank reached the same point
+    CHECKPOINT_BARRIER = "checkpoint_barrier"  # index 0: rank files written; 1: published
+    BUDDY_SHIFT = "buddy_shift"  # a rank's snapshot moving to rank r+1 after a step
+    RESCUE_BARRIER = "rescue_barrier"  # a new generation publishing buddy copies (index 0, 1)
 
 
-@dataclass(frozen=True, slots=True)
+_PHASE_WORDS = {
+    Phase.GATHER_FORWARD: "forward all-gather", Phase.GATHER_BACKWARD: "backward all-gather",
+    Phase.GATHER_WEIGHTS: "weights all-gather", Phase.REDUCE_SCATTER: "reduce-scatter",
+    Phase.ALL_REDUCE: "all-reduce", Phase.BARRIER: "barrier",
+    Phase.CHECKPOINT_BARRIER: "checkpoint barrier", Phase.BUDDY_SHIFT: "buddy shift",
+    Phase.RESCUE_BARRIER: "rescue barrier",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Key:
-    """Names one collective uniquely inside a cluster: no two in flight may share a Key."""
+    """Names one collective uniquely inside a cluster: no two in flight may share a Key.
+
+    Only the fields that mean something for the phase are set: ``unit`` and ``micro_batch``
+    for a unit's gathers and reduce-scatters, ``index`` for the n-th collective of a phase in
+    one step (all-reduces, checkpoint barriers), ``step`` for everything that belongs to a
+    step (a rescue does not). ``str(key)`` is its identity on the wire."""
 
     generation: int
-    step: int
-    unit: int
-    micro_batch: int
     phase: Phase
+    step: int | None = None
+    unit: int | None = None
+    micro_batch: int | None = None
+    index: int | None = None
 
     def __str__(self) -> str:
-        return (
-            f"g{self.generation}/s{self.step}/u{self.unit}/m{self.micro_batch}/{self.phase.value}"
-        )
+        parts = [f"g{self.generation}"]
+        if self.step is not None:
+            parts.append(f"s{self.step}")
+        if self.unit is not None:
+            parts.append(f"u{self.unit}")
+        if self.micro_batch is not None:
+            parts.append(f"m{self.micro_batch}")
+        parts.append(self.phase.value)
+        if self.index is not None:
+            parts.append(str(self.index))
+        return "/".join(parts)
+
+    def describe(self) -> str:
+        """The key in words, e.g. 'reduce-scatter of unit 7, micro-batch 0, step 41 (generation 3)'."""
+        what = [f"unit {self.unit}"] if self.unit is not None else []
+        what += [f"micro-batch {self.micro_batch}"] if self.micro_batch is not None else []
+        what += [f"step {self.step}"] if self.step is not None else []
+        head = _PHASE_WORDS[self.phase] + (f" #{self.index}" if self.index is not None else "")
+        return f"{head} of {', '.join(what)} (generation {self.generation})" if what else \
+            f"{head} (generation {self.generation})"
 
 
 class CollectiveError(RuntimeError):

@@ -35,8 +35,6 @@ from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
 from communication.proto import zerop2p_pb2 as pb
 
-__all__ = ["GrpcCollectives", "GrpcTransport"]
-
 log = logging.getLogger(__name__)
 
 RING_MIN_WORLD = 4
@@ -67,6 +65,16 @@ class GrpcCollectives:
         self._closed = False
         self._lost: tuple[int, str] | None = None
         self._lost_event: asyncio.Event | None = None  # created on the loop
+
+    @classmethod
+    def bind(cls, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
+             generation: int, timeout: float = 60.0, codec: str = "raw") -> GrpcCollectives:
+        """Collectives for one generation on ``transport``; older generations are refused."""
+        if len(peers) != world_size:
+            raise ValueError(f"{len(peers)} peer addresses for world size {world_size}")
+        transport.bind(rank=rank, generation=generation)
+        return cls(transport, rank=rank, world_size=world_size, peers=list(peers),
+                   generation=generation, timeout=timeout, codec=codec)
 
     # -- the protocol ----------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 accumulator and one client channel per peer address.
 
 It is created before the worker registers (so the coordinator learns its port) and outlives
-generations: ``collectives(...)`` binds it to one generation's ranks and peers, and from then on
-contributions of older generations are refused.
+generations: ``GrpcCollectives.bind(transport, ...)`` binds it to one generation's ranks and peers,
+and from then on contributions of older generations are refused.
 """
 
 from __future__ import annotations
@@ -73,13 +73,9 @@ class GrpcTransport:
             client = self._clients[address] = PeerClient(address, token=self.token, tls=self.tls)
         return client
 
-    def collectives(self, *, rank: int, world_size: int, peers: list[str], generation: int,
-                    timeout: float = 60.0, codec: str = "raw"):
-        """Bind to one generation; contributions from older generations are refused from now."""
-        from communication.grpc_collectives import GrpcCollectives
-
-        if len(peers) != world_size:
-            raise ValueError(f"{len(peers)} peer addresses for world size {world_size}")
+    def bind(self, *, rank: int, generation: int) -> None:
+        """Serve one generation as ``rank``; contributions from older generations are refused
+        from now on (``GrpcCollectives.bind`` calls it)."""
         if generation < self.generation:
             raise ValueError(f"generation {generation} is older than the current "
                              f"{self.generation}")
@@ -89,8 +85,6 @@ class GrpcTransport:
             self.accumulator.drop_generations_below(generation)
 
         self.call(bind(), timeout=START_TIMEOUT)
-        return GrpcCollectives(self, rank=rank, world_size=world_size, peers=list(peers),
-                               generation=generation, timeout=timeout, codec=codec)
 
     def close(self) -> None:
         """Stop the server and channels, then the loop thread."""

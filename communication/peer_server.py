@@ -44,8 +44,8 @@ class _Incoming:
 class PeerServicer:
     """Push, PushOne and Ping for one rank; generation and rank are read live from the transport.
 
-    Registered through a generic handler (``_handlers``) rather than the generated
-    ``zerop2p_pb2_grpc`` module, whose grpcio version guard would refuse older runtimes."""
+    Registered through a generic handler (``_handlers``) rather than generated service stubs,
+    whose grpcio version guard would refuse older runtimes (none are generated)."""
 
     def __init__(self, accumulator: Accumulator, *, rank: Callable[[], int],
                  generation: Callable[[], int]):
@@ -61,9 +61,9 @@ class PeerServicer:
         try:
             h = await anext(aiter(request_iterator), None)
             if not isinstance(h, pb.TensorHeader):
-                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
             reply = await self._receive(h, request_iterator, context)
-        except _Refusal as refusal:
+        except _PushRefused as refusal:
             await _drain(request_iterator, context)
             await context.abort(refusal.code, refusal.message)
         if reply.duplicate:
@@ -74,46 +74,46 @@ class PeerServicer:
         h, data = request
         try:
             if h is None:
-                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
             return await self._receive(h, _once(data), context)
-        except _Refusal as refusal:
+        except _PushRefused as refusal:
             await context.abort(refusal.code, refusal.message)
 
     async def _receive(self, h: pb.TensorHeader, data_frames, context) -> pb.PushReply:
         """Validate ``h`` against its slot, copy the frames' bytes into place, count them.
-        Raises _Refusal (the caller answers it); a duplicate's frames are left unread."""
+        Raises _PushRefused (the caller answers it); a duplicate's frames are left unread."""
         current = self._generation()
         if h.generation < current:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"key {h.key} sender {h.sender}: generation expected {current}, "
                            f"actual {h.generation} (stale)")
         wait = context.time_remaining() or DEFAULT_WAIT
         try:
             slot = await self._acc.slot(h.key, wait)
         except TimeoutError:
-            raise _Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise _PushRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"key {h.key}: rank {self._rank()} never opened it") from None
         if slot is None or slot.has(h.origin):
             return pb.PushReply(received_bytes=0, duplicate=True)
         try:
             incoming = self._validate(slot, h)
         except ContributionError as exc:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
         pos = 0
         async for data in data_frames:
             if not isinstance(data, memoryview):
-                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"key {h.key} sender {h.sender}: a second header")
             end = pos + len(data)
             if end > h.total_bytes:
-                raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"key {h.key} sender {h.sender}: more than the announced "
                                f"{h.total_bytes} bytes")
             dest[pos:end] = data
             pos = end
         if pos != h.total_bytes:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"key {h.key} sender {h.sender}: expected {h.total_bytes} bytes, "
                            f"actual {pos}")
         if not slot.has(h.origin):
@@ -158,7 +158,7 @@ class PeerServicer:
             del self._incoming[ident]
 
 
-class _Refusal(Exception):
+class _PushRefused(Exception):
     """A contribution refused with ``code``; the message names the key, sender and mismatch."""
 
     def __init__(self, code: grpc.StatusCode, message: str):

@@ -58,9 +58,10 @@ class Timed:
 
 
 def worker(args) -> None:
-    from worker.config import TrainConfig
-    from worker.trainer import Trainer
-    from worker.zero3 import ShardConfig, shard_model
+    from worker.engine.config import ShardConfig
+    from worker.engine.shard import shard_model
+    from worker.train.config import TrainConfig
+    from worker.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     rank, world = args.rank, args.world_size
@@ -98,7 +99,7 @@ def worker(args) -> None:
                 elapsed -= waited
             times[on].append(elapsed)
     ckpt.cleanup()  # the schedule ends with an off block, whose first step settled the last shift
-    owned = sum(u.st for u in engine.units)
+    owned = sum(u.trainable_shard for u in engine.units)
     result = {"rank": rank, "world_size": world, "n_params": sum(u.layout.trainable_numel
                                                                   for u in engine.units),
               "step_ms_off": 1e3 * statistics.median(times[False]),

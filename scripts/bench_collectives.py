@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from communication.collectives import Key, Phase  # noqa: E402
-from worker.main import free_port  # noqa: E402
+from worker.cluster.ports import free_port  # noqa: E402
 
 WAIT = timedelta(seconds=120)
 OPS = ("all_gather", "reduce_scatter")
@@ -39,13 +39,14 @@ def worker(args) -> None:
     store = dist.TCPStore("127.0.0.1", args.store_port, is_master=False, timeout=WAIT)
     transport = None
     if args.backend == "grpc":
-        from communication.grpc_collectives import GrpcTransport
+        from communication.grpc_collectives import GrpcCollectives
+        from communication.grpc_transport import GrpcTransport
 
         transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
         store.set(f"addr/{rank}", transport.address)
         store.wait([f"addr/{r}" for r in range(w)], WAIT)
         peers = [store.get(f"addr/{r}").decode() for r in range(w)]
-        coll = transport.collectives(rank=rank, world_size=w, peers=peers, generation=1,
+        coll = GrpcCollectives.bind(transport, rank=rank, world_size=w, peers=peers, generation=1,
                                      timeout=120.0, codec=args.codec)
     else:
         from communication.torch_collectives import TorchCollectives

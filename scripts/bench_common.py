@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import torch
 
-from worker.batching import per_rank_rows
+from worker.data.batching import per_rank_rows
 
 WAIT = timedelta(seconds=120)  # rendezvous deadline of every benchmark process
 
@@ -33,13 +33,14 @@ def random_rows(*, step: int, rows: int, seq_len: int, rank: int, world: int) ->
 def grpc_rendezvous(store, *, rank: int, world: int, timeout: float = 120.0):
     """Our gRPC transport on a free port, peers' addresses swapped through the TCPStore, and a
     ready barrier so nobody sends before every rank has bound generation 1."""
-    from communication.grpc_collectives import GrpcTransport
+    from communication.grpc_collectives import GrpcCollectives
+    from communication.grpc_transport import GrpcTransport
 
     transport = GrpcTransport(host="127.0.0.1", port=0, token="bench")
     store.set(f"addr/{rank}", f"127.0.0.1:{transport.port}")
     store.wait([f"addr/{r}" for r in range(world)], WAIT)
     peers = [store.get(f"addr/{r}").decode() for r in range(world)]
-    coll = transport.collectives(rank=rank, world_size=world, peers=peers, generation=1,
+    coll = GrpcCollectives.bind(transport, rank=rank, world_size=world, peers=peers, generation=1,
                                  timeout=timeout)
     store.set(f"ready/{rank}", "1")
     store.wait([f"ready/{r}" for r in range(world)], WAIT)
@@ -49,7 +50,7 @@ def grpc_rendezvous(store, *, rank: int, world: int, timeout: float = 120.0):
 def run_ranks(argv: list[str], world: int, *, timeout: float) -> list[list[str]]:
     """Run ``argv --rank r`` for every rank under one deadline; each rank's output lines. A rank
     that fails, or the deadline, stops every rank and names the failing one (launcher.supervise)."""
-    from worker.launcher import spawn, supervise
+    from worker.cluster.launcher import spawn, supervise
 
     children = [spawn(f"rank{r}", [*argv, "--rank", str(r)], echo=False)[0] for r in range(world)]
     supervise(children, timeout=timeout)

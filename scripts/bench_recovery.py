@@ -20,9 +20,12 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # its harness
 
-from worker.faults import PHASES  # noqa: E402
-from worker.launcher import run_local_cluster  # noqa: E402
+from harness.fault_worker import FAULT_WORKER  # noqa: E402
+from harness.faults import PHASES  # noqa: E402
+
+from worker.cluster.launcher import run_local_cluster  # noqa: E402
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 KILL = re.compile(r"SIGKILL at (\w+), step (\d+), rank (\d+)")
@@ -61,6 +64,7 @@ def main() -> int:
                        str(2 * n), "--seq-len", "32", "--max-tokens", "60000",
                        "--checkpoint-dir", str(Path(tmp) / "ckpt"), "--checkpoint-every", "1"]
         workers = run_local_cluster(n, worker_args, echo=False, timeout=900,
+                                    worker_entry=FAULT_WORKER,
                                     max_restarts=len(plan), worker_env=env)
     evs = sorted(e for w in workers for e in events(w.lines))
     rows = []

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from bench_common import WAIT, build_gpt2, grpc_rendezvous, random_rows, run_ranks  # noqa: E402
 
-from worker.main import free_port  # noqa: E402
+from worker.cluster.ports import free_port  # noqa: E402
 
 
 def build(args):
@@ -42,7 +42,8 @@ def worker(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     engine = None
     if args.mode in ("grpc", "gloo"):
-        from worker.zero3 import ShardConfig, shard_model
+        from worker.engine.config import ShardConfig
+        from worker.engine.shard import shard_model
 
         if args.mode == "grpc":
             transport, coll = grpc_rendezvous(store, rank=rank, world=world)
@@ -92,7 +93,7 @@ def worker(args) -> None:
               "tokens_per_s": args.rows * args.seq_len / statistics.median(times),
               "n_params": n_params}
     if engine is not None:
-        owned = sum(u.st for u in engine.units)
+        owned = sum(u.trainable_shard for u in engine.units)
         result["state_bytes"] = owned * 16  # fp32 master + grad + two Adam moments
         result["peak_unsharded_bytes"] = engine.peak_unsharded_bytes
         result["largest_unit_bytes"] = max(u.full_bytes for u in engine.units)

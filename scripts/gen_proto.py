@@ -1,14 +1,13 @@
-"""Regenerate communication/proto/zerop2p_pb2*.py from zerop2p.proto (grpcio-tools).
+"""Regenerate communication/proto/zerop2p_pb2.py from zerop2p.proto (grpcio-tools).
 
-protoc writes ``import zerop2p_pb2`` into the gRPC module; it is rewritten to a package-relative
-import so the modules work as ``communication.proto.zerop2p_pb2_grpc``. ``--check`` regenerates
-into a temporary folder and exits 1 if the committed files differ (stale).
+Only the message module: the peer server registers generic handlers and the client builds its
+calls from the channel, so no generated service stubs are needed. ``--check`` regenerates into
+a temporary folder and exits 1 if the committed file differs (stale).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -17,23 +16,19 @@ from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parents[1] / "communication" / "proto"
 NAME = "zerop2p"
-OUTPUTS = (f"{NAME}_pb2.py", f"{NAME}_pb2_grpc.py")
+OUTPUTS = (f"{NAME}_pb2.py",)
 
 
 def generate(out_dir: Path) -> None:
-    """Run protoc on the proto file into out_dir and fix the generated import."""
+    """Run protoc on the proto file into out_dir."""
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}",
-                      f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+                      f"--python_out={out_dir}",
                       str(PROTO_DIR / f"{NAME}.proto")])
     if rc != 0:
         raise SystemExit(f"protoc failed with exit code {rc}")
-    grpc_file = out_dir / f"{NAME}_pb2_grpc.py"
-    text = re.sub(rf"^import {NAME}_pb2 as", f"from . import {NAME}_pb2 as",
-                  grpc_file.read_text(), flags=re.MULTILINE)
-    grpc_file.write_text(text)
 
 
 def stale_files() -> list[str]:

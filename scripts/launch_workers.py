@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.launcher import (  # noqa: E402
+from worker.cluster.launcher import (  # noqa: E402
     kill_all,
     spawn,
     start_coordinator,

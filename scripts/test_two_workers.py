@@ -14,17 +14,18 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # its harness
 
 import torch  # noqa: E402
+from harness.builders import build_data_and_model  # noqa: E402
+from harness.reference import train_reference  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from worker.config import TrainConfig  # noqa: E402
-from worker.data import DataConfig  # noqa: E402
-from worker.launcher import run_local_cluster  # noqa: E402
-from worker.main import build_data_and_model  # noqa: E402
-from worker.models import ModelConfig  # noqa: E402
-from worker.optim import OptimConfig  # noqa: E402
-from worker.reference import train_reference  # noqa: E402
+from worker.cluster.launcher import run_local_cluster  # noqa: E402
+from worker.data.config import DataConfig  # noqa: E402
+from worker.models.config import ModelConfig  # noqa: E402
+from worker.train.config import TrainConfig  # noqa: E402
+from worker.train.optim import OptimConfig  # noqa: E402
 
 LOSS_TOL = 1e-4
 PARAM_TOL = 1e-4

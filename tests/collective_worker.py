@@ -74,7 +74,7 @@ def make_input(case: Case, rank: int, world_size: int) -> torch.Tensor:
 
 def key_of(case: Case, generation: int) -> Key:
     phase = {"all_gather": Phase.GATHER_FORWARD, "reduce_scatter": Phase.REDUCE_SCATTER,
-             "all_reduce": Phase.ALL_REDUCE, "shift": Phase.BUDDY,
+             "all_reduce": Phase.ALL_REDUCE, "shift": Phase.BUDDY_SHIFT,
              "barrier": Phase.BARRIER}[case.op]
     return Key(generation=generation, step=0, unit=case.index, micro_batch=0, phase=phase)
 
@@ -96,13 +96,14 @@ def free_port() -> int:
 def build(backend: str, rank: int, n: int, store, timeout: float, codec: str):
     """The Collectives object for this rank, rendezvousing through the test's store."""
     if backend == "grpc":
-        from communication.grpc_collectives import GrpcTransport
+        from communication.grpc_collectives import GrpcCollectives
+        from communication.grpc_transport import GrpcTransport
 
         transport = GrpcTransport(host="127.0.0.1", port=0, token="suite")
         store.set(f"addr/{rank}", transport.address)
         store.wait([f"addr/{r}" for r in range(n)], WAIT)
         peers = [store.get(f"addr/{r}").decode() for r in range(n)]
-        coll = transport.collectives(rank=rank, world_size=n, peers=peers, generation=1,
+        coll = GrpcCollectives.bind(transport, rank=rank, world_size=n, peers=peers, generation=1,
                                      timeout=timeout, codec=codec)
         return coll, transport, peers[rank]
     from communication.torch_collectives import TorchCollectives

@@ -128,3 +128,11 @@ def register(http: httpx.Client, worker_id: str, port: int = 50000, **extra) -> 
 
 def statuses(http: httpx.Client) -> dict[str, str]:
     return {w["worker_id"]: w["status"] for w in http.get("/workers").json()}
+
+
+async def listed_workers(url: str, token: str = TOKEN) -> list[dict]:
+    """``GET /workers`` as an operator reads it (a worker's client has no such call)."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=10) as http:
+        resp = await http.get(f"{url}/workers")
+        resp.raise_for_status()
+        return resp.json()

@@ -17,11 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from harness.builders import build_data_and_model  # noqa: E402
 from parity_scenarios import SCENARIOS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from worker.main import build_data_and_model, free_port, shard  # noqa: E402
-from worker.trainer import Trainer  # noqa: E402
+from worker.cluster.ports import free_port  # noqa: E402
+from worker.main import shard_for_training  # noqa: E402
+from worker.train.trainer import Trainer  # noqa: E402
 
 WAIT = timedelta(seconds=60)
 
@@ -40,7 +42,8 @@ def main() -> None:
     store = dist.TCPStore("127.0.0.1", args.store_port, is_master=False, timeout=WAIT)
     transport, torch_coll = None, None
     if args.backend == "grpc":
-        from communication.grpc_collectives import GrpcTransport
+        from communication.grpc_collectives import GrpcCollectives
+        from communication.grpc_transport import GrpcTransport
 
         transport = GrpcTransport(host="127.0.0.1", port=0, token="parity")
         store.set(f"addr/{rank}", f"127.0.0.1:{transport.port}")
@@ -57,7 +60,7 @@ def main() -> None:
     for gen, name in enumerate(args.scenarios.split(","), start=1):
         cfg = SCENARIOS[name]
         if transport is not None:
-            coll = transport.collectives(rank=rank, world_size=n, peers=peers, generation=gen,
+            coll = GrpcCollectives.bind(transport, rank=rank, world_size=n, peers=peers, generation=gen,
                                          timeout=60.0)
         else:
             coll = torch_coll
@@ -65,7 +68,7 @@ def main() -> None:
         store.set(f"ready/{gen}/{rank}", "1")
         store.wait([f"ready/{gen}/{r}" for r in range(n)], WAIT)
         data, model = build_data_and_model(cfg)
-        engine = shard(cfg, model, coll, gen)
+        engine = shard_for_training(cfg, model, coll, gen)
         trainer = Trainer(cfg, engine=engine, data=data, rank=rank, world_size=n)
         trainer.run()
         weights = dict(engine.iter_full_weights(trainable_only=True))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.fault_worker import FAULT_WORKER
 from run_helpers import assert_same_weights, result
 
-from worker.launcher import kill_all, run_local_cluster, spawn, start_coordinator, worker_argv
+from worker.cluster.launcher import kill_all, run_local_cluster, spawn, start_coordinator, worker_argv
 
 TOKEN = "buddy-token"
 STEPS = 8
@@ -50,6 +51,7 @@ def test_lost_worker_resumes_at_the_failed_step_bit_identical(tmp_path, baseline
     mark = tmp_path / "fired"
     env = {"ZEROP2P_FAULT": "optimizer:3:1,forward:6:0", "ZEROP2P_FAULT_MARK": str(mark)}
     workers = run_local_cluster(2, args_for(tmp_path, buddy=True), token=TOKEN, echo=False,
+                                worker_entry=FAULT_WORKER,
                                 timeout=300, max_restarts=2, worker_env=env)
     assert sorted(p.name for p in tmp_path.glob("fired.*")) == ["fired.0", "fired.1"]
     loads = resumes(workers)
@@ -72,7 +74,7 @@ def test_three_workers_lose_one_and_reshard_to_two(tmp_path, baseline):
     workers = []
     try:
         for i in range(3):
-            argv = worker_argv(url, worker_id=f"w{i}", min_workers=3, token=TOKEN,
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=3, token=TOKEN, entry=FAULT_WORKER,
                                extra=["--heartbeat-interval", "0.5"]
                                + args_for(tmp_path, buddy=True))
             workers.append(spawn(f"w{i}", argv, env=env, echo=False)[0])

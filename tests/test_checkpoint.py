@@ -17,23 +17,22 @@ import torch
 from test_checkpoint_multirank import CFG, build_rank
 
 from communication.torch_collectives import TorchCollectives
-from worker import checkpoint as ck
-from worker.checkpoint import (
+from worker.state import files as ck
+from worker.state.catalog import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
     read_manifest,
-    save_checkpoint,
 )
+from worker.state.checkpoint import load_checkpoint, save_checkpoint
 
 FORK = multiprocessing.get_context("fork")
 
 
 @pytest.fixture(scope="module")
 def data():
-    from worker.main import build_data_and_model
+    from harness.builders import build_data_and_model
 
     torch.set_num_threads(1)  # forked children must not enter a parent's OpenMP pool
     return build_data_and_model(CFG)[0]
@@ -49,7 +48,7 @@ def run(data):
 
 
 def save(root, engine, trainer, **kw):
-    return save_checkpoint(root, engine=engine, trainer=trainer, config=CFG, rank=0,
+    return save_checkpoint(root, trainer.states, rank=0,
                            world_size=1, **kw)
 
 
@@ -97,10 +96,10 @@ def test_sigkill_during_save_never_leaves_a_checkpoint_that_looks_complete(run, 
         assert "step_2.tmp" in left and "step_2" not in left, left
         assert latest_checkpoint(tmp_path) == first
         with pytest.raises(CheckpointError, match="not a checkpoint directory|no manifest"):
-            load_checkpoint(tmp_path / "step_2", engine=engine, trainer=trainer, rank=0,
+            load_checkpoint(tmp_path / "step_2", trainer.states, rank=0,
                             world_size=1)
     # the survivor loads, and a new save at the torn step succeeds over the leftovers
-    load_checkpoint(latest_checkpoint(tmp_path), engine=engine, trainer=trainer, rank=0,
+    load_checkpoint(latest_checkpoint(tmp_path), trainer.states, rank=0,
                     world_size=1)
     trainer.step = 2
     assert save(tmp_path, engine, trainer) == tmp_path / "step_2"
@@ -138,7 +137,7 @@ def test_sigkill_at_arbitrary_moments(run, tmp_path):
         for d in root.glob("step_*"):
             if d.name.removeprefix("step_").isdigit():
                 read_manifest(d)  # every directory named like a checkpoint is complete
-        manifest = load_checkpoint(found, engine=engine, trainer=trainer, rank=0, world_size=1)
+        manifest = load_checkpoint(found, trainer.states, rank=0, world_size=1)
         assert trainer.step == manifest["step"]
 
 
@@ -157,30 +156,30 @@ def test_incomplete_directories_are_refused_with_the_reason(run, tmp_path):
     for d, reason in [(no_manifest, "no manifest.json"), (short, "has 100 bytes"),
                       (missing, "has None bytes"), (tmp_path / "nowhere", "not a checkpoint")]:
         with pytest.raises(CheckpointError, match=reason):
-            load_checkpoint(d, engine=engine, trainer=trainer, rank=0, world_size=1)
+            load_checkpoint(d, trainer.states, rank=0, world_size=1)
 
 
 def test_layout_mismatch_names_unit_and_slot(run, data, tmp_path):
     import dataclasses
 
-    from worker.main import shard
-    from worker.models import build_model
-    from worker.trainer import Trainer
+    from worker.main import shard_for_training
+    from worker.models.loading import build_model
+    from worker.train.trainer import Trainer
 
     engine, trainer = run
     good = save(tmp_path, engine, trainer)
     other = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, hidden_size=40))
     coll = TorchCollectives(rank=0, world_size=1, store_addr="127.0.0.1:1")
-    eng2 = shard(other, build_model(other.model, vocab_size=257), coll, 0)
+    eng2 = shard_for_training(other, build_model(other.model, vocab_size=257), coll, 0)
     tr2 = Trainer(other, engine=eng2, data=data, rank=0, world_size=1)
     with pytest.raises(ValueError, match=r"unit 0 \(''\): slot .*transformer\.wte\.weight"):
-        load_checkpoint(good, engine=eng2, trainer=tr2, rank=0, world_size=1)
+        load_checkpoint(good, tr2.states, rank=0, world_size=1)
 
 
 def test_saving_at_world_size_two_needs_a_barrier(run, tmp_path):
     engine, trainer = run
     with pytest.raises(ValueError, match="rank 1: saving at world size 2 needs collectives"):
-        save_checkpoint(tmp_path, engine=engine, trainer=trainer, config=CFG, rank=1,
+        save_checkpoint(tmp_path, trainer.states, rank=1,
                         world_size=2)
 
 
@@ -211,39 +210,39 @@ def test_sgd_momentum_reshards_from_one_rank_to_two(data, tmp_path):
 
     from test_checkpoint_multirank import LayoutOnly
 
-    from worker.main import shard
-    from worker.models import build_model
-    from worker.optim import OptimConfig
-    from worker.trainer import Trainer
+    from worker.main import shard_for_training
+    from worker.models.loading import build_model
+    from worker.train.optim import OptimConfig
+    from worker.train.trainer import Trainer
 
     cfg = dataclasses.replace(CFG, optim=OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9,
                                                      schedule="linear"))
 
     def build(coll):
-        engine = shard(cfg, build_model(cfg.model, vocab_size=257), coll, 0)
+        engine = shard_for_training(cfg, build_model(cfg.model, vocab_size=257), coll, 0)
         return engine, Trainer(cfg, engine=engine, data=data, rank=coll.rank,
                                world_size=coll.world_size)
 
     engine, trainer = build(TorchCollectives(rank=0, world_size=1, store_addr="127.0.0.1:1"))
     trainer.train_step()
-    ckpt = save_checkpoint(tmp_path, engine=engine, trainer=trainer, config=cfg, rank=0,
+    ckpt = save_checkpoint(tmp_path, trainer.states, rank=0,
                            world_size=1)
     assert read_manifest(ckpt)["optimizer"]["sliced"] == ["momentum_buffer"]
     for rank in range(2):
         eng2, tr2 = build(LayoutOnly(rank, 2))
-        load_checkpoint(ckpt, engine=eng2, trainer=tr2, rank=rank, world_size=2)
+        load_checkpoint(ckpt, tr2.states, rank=rank, world_size=2)
         for u, u2 in zip(engine.units, eng2.units):
             n = u.layout.trainable_numel
-            a, b = rank * u2.st, min((rank + 1) * u2.st, n)
+            a, b = rank * u2.trainable_shard, min((rank + 1) * u2.trainable_shard, n)
             got = tr2.optimizer.state[u2.master]["momentum_buffer"]
             want = trainer.optimizer.state[u.master]["momentum_buffer"][a:b]
             assert torch.equal(got[: b - a], want)
-            assert torch.equal(got[b - a :], torch.zeros(u2.st - (b - a)))  # padding stays zero
+            assert torch.equal(got[b - a :], torch.zeros(u2.trainable_shard - (b - a)))  # padding stays zero
         assert tr2.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
 
 
 def test_format_checkpoints_prints_one_row_per_checkpoint(run, tmp_path):
-    from worker.checkpoint import format_checkpoints
+    from worker.state.catalog import format_checkpoints
 
     engine, trainer = run
     save(tmp_path, engine, trainer)

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.config import TrainConfig  # noqa: E402
-from worker.data import DataConfig  # noqa: E402
-from worker.models import ModelConfig  # noqa: E402
-from worker.optim import OptimConfig  # noqa: E402
+from worker.data.config import DataConfig  # noqa: E402
+from worker.models.config import ModelConfig  # noqa: E402
+from worker.train.config import TrainConfig  # noqa: E402
+from worker.train.optim import OptimConfig  # noqa: E402
 
 WAIT = timedelta(seconds=60)
 # Hidden 35 (5 heads), 32 positions, 257 ids: the root unit (10185 elements) and each block
@@ -55,12 +55,14 @@ class LayoutOnly:
 # --- the worker process -------------------------------------------------------------------
 def worker_main() -> None:
     import torch.distributed as dist
+    from harness.builders import build_data_and_model
     from safetensors.torch import save_file
 
     from communication.torch_collectives import TorchCollectives
-    from worker.checkpoint import load_checkpoint, save_checkpoint
-    from worker.main import build_data_and_model, free_port, shard
-    from worker.trainer import Trainer
+    from worker.cluster.ports import free_port
+    from worker.main import shard_for_training
+    from worker.state.checkpoint import load_checkpoint, save_checkpoint
+    from worker.train.trainer import Trainer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
@@ -75,12 +77,12 @@ def worker_main() -> None:
     store.wait(["torch_store"], WAIT)
     coll = TorchCollectives(rank=rank, world_size=n, store_addr=store.get("torch_store").decode())
     data, model = build_data_and_model(CFG)
-    engine = shard(CFG, model, coll, 1)
+    engine = shard_for_training(CFG, model, coll, 1)
     trainer = Trainer(CFG, engine=engine, data=data, rank=rank, world_size=n)
     for _ in range(SAVED_STEP):
         trainer.train_step()
     trainer.evaluate()
-    ckpt = save_checkpoint(out / "ckpt", engine=engine, trainer=trainer, config=CFG, rank=rank,
+    ckpt = save_checkpoint(out / "ckpt", trainer.states, rank=rank,
                            world_size=n, collectives=coll)
     raw = {}
     for u in engine.units:
@@ -91,7 +93,7 @@ def worker_main() -> None:
     full2 = dict(engine.iter_full_weights())
     loss3 = trainer.train_step().loss
     full3 = dict(engine.iter_full_weights())
-    load_checkpoint(ckpt, engine=engine, trainer=trainer, rank=rank, world_size=n)
+    load_checkpoint(ckpt, trainer.states, rank=rank, world_size=n)
     loss3b = trainer.train_step().loss
     full3b = dict(engine.iter_full_weights())
     if rank == 0:
@@ -126,18 +128,18 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data():
-    from worker.main import build_data_and_model
+    from harness.builders import build_data_and_model
 
     return build_data_and_model(CFG)[0]
 
 
 def build_rank(data, rank: int, world_size: int, coll=None):
-    from worker.main import shard
-    from worker.models import build_model
-    from worker.trainer import Trainer
+    from worker.main import shard_for_training
+    from worker.models.loading import build_model
+    from worker.train.trainer import Trainer
 
     model = build_model(CFG.model, vocab_size=data.tokenizer.vocab_size)
-    engine = shard(CFG, model, coll or LayoutOnly(rank, world_size), 0)
+    engine = shard_for_training(CFG, model, coll or LayoutOnly(rank, world_size), 0)
     return engine, Trainer(CFG, engine=engine, data=data, rank=rank, world_size=world_size)
 
 
@@ -160,14 +162,15 @@ def test_same_world_size_resume_is_bit_identical(saved):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_load_reshards_every_slice_exactly(saved, data, world_size):
-    from worker.checkpoint import latest_checkpoint, load_checkpoint
+    from worker.state.catalog import latest_checkpoint
+    from worker.state.checkpoint import load_checkpoint
 
     raw = [torch.load(saved / f"raw_rank{r}.pt") for r in range(2)]
     ckpt = latest_checkpoint(saved / "ckpt")
     assert ckpt is not None and ckpt.name == f"step_{SAVED_STEP}"
     for rank in range(world_size):
         engine, trainer = build_rank(data, rank, world_size)
-        manifest = load_checkpoint(ckpt, engine=engine, trainer=trainer, rank=rank,
+        manifest = load_checkpoint(ckpt, trainer.states, rank=rank,
                                    world_size=world_size)
         assert manifest["world_size"] == 2 and trainer.step == SAVED_STEP
         assert engine.step_index == SAVED_STEP
@@ -191,11 +194,12 @@ def test_resume_at_world_size_one_matches_uninterrupted_run(saved, data):
     from safetensors.torch import load_file
 
     from communication.torch_collectives import TorchCollectives
-    from worker.checkpoint import latest_checkpoint, load_checkpoint
+    from worker.state.catalog import latest_checkpoint
+    from worker.state.checkpoint import load_checkpoint
 
     coll = TorchCollectives(rank=0, world_size=1, store_addr="127.0.0.1:1")
     engine, trainer = build_rank(data, 0, 1, coll)
-    load_checkpoint(latest_checkpoint(saved / "ckpt"), engine=engine, trainer=trainer, rank=0,
+    load_checkpoint(latest_checkpoint(saved / "ckpt"), trainer.states, rank=0,
                     world_size=1)
     st = trainer.train_step()
     result = json.loads((saved / "result.json").read_text())
@@ -210,7 +214,7 @@ def test_export_of_two_rank_checkpoint_loads_with_same_weights(saved, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from worker.export import export_checkpoint
+    from worker.state.export import export_checkpoint
 
     out = export_checkpoint(saved / "ckpt" / f"step_{SAVED_STEP}", tmp_path / "hf")
     index = json.loads((out / "model.safetensors.index.json").read_text())

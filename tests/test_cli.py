@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worker.options import build_train_config
+from worker.cli.options import build_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "worker.cli"]

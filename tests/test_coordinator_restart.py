@@ -10,8 +10,8 @@ import time
 import pytest
 from coordinator_helpers import ROOT, URL_LINE, CoordinatorProcess, client, register, statuses
 
-from worker.launcher import URL_LINE as LAUNCHER_URL_LINE
-from worker.launcher import spawn, stop_all
+from worker.cluster.launcher import URL_LINE as LAUNCHER_URL_LINE
+from worker.cluster.launcher import spawn, stop_all
 
 pytestmark = pytest.mark.timeout(60)
 

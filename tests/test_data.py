@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.batching import RowSchedule
-from worker.corpus import iter_documents, stdlib_files
-from worker.data import ByteTokenizer, DataConfig, PackedText, load_tokenizer
+from worker.data.batching import RowSchedule
+from worker.data.config import DataConfig
+from worker.data.corpus import iter_documents, stdlib_files
+from worker.data.packing import PackedText
+from worker.data.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from worker.classification import CODE, PROSE, split_source
-from worker.data import ByteTokenizer, ClassificationData, DataConfig
+from worker.data.classification import CODE, PROSE, ClassificationData, split_source
+from worker.data.config import DataConfig
+from worker.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 CFG = DataConfig(seq_len=48, max_examples=400, eval_fraction=0.1, seed=1)

@@ -12,30 +12,30 @@ from safetensors import safe_open
 from test_checkpoint_multirank import CFG, LayoutOnly
 
 from communication.torch_collectives import TorchCollectives
-from worker.checkpoint import load_checkpoint, save_checkpoint
-from worker.export import export_checkpoint
-from worker.lora import LoraSettings
-from worker.main import shard
-from worker.models import build_model
-from worker.trainer import Trainer
+from worker.main import shard_for_training
+from worker.models.loading import build_model
+from worker.models.lora import LoraSettings
+from worker.state.checkpoint import load_checkpoint, save_checkpoint
+from worker.state.export import export_checkpoint
+from worker.train.trainer import Trainer
 
 LORA_CFG = dataclasses.replace(CFG, lora=LoraSettings(rank=4, alpha=8.0, init_lora_weights=False))
 
 
 @pytest.fixture(scope="module")
 def data():
-    from worker.main import build_data_and_model
+    from harness.builders import build_data_and_model
 
     return build_data_and_model(CFG)[0]
 
 
 def engine_for(cfg, data, coll):
-    from worker.lora import apply_lora
+    from worker.models.lora import apply_lora
 
     model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
-    engine = shard(cfg, model, coll, 0)
+    engine = shard_for_training(cfg, model, coll, 0)
     return engine, Trainer(cfg, engine=engine, data=data, rank=0,
                            world_size=coll.world_size)
 
@@ -52,7 +52,7 @@ def test_full_export_loads_and_gives_the_trained_logits(data, tmp_path):
     engine, trainer = engine_for(CFG, data, coll)
     for _ in range(2):
         trainer.train_step()
-    ckpt = save_checkpoint(tmp_path / "ckpt", engine=engine, trainer=trainer, config=CFG, rank=0,
+    ckpt = save_checkpoint(tmp_path / "ckpt", trainer.states, rank=0,
                            world_size=1)
     out = export_checkpoint(ckpt, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
@@ -77,7 +77,7 @@ def test_lora_checkpoint_holds_adapters_only_and_exports_for_peft(data, tmp_path
         p.grad = torch.randn(p.shape, generator=gen)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    ckpt = save_checkpoint(tmp_path / "ckpt", engine=engine, trainer=trainer, config=LORA_CFG,
+    ckpt = save_checkpoint(tmp_path / "ckpt", trainer.states,
                            rank=0, world_size=1)
     with safe_open(str(ckpt / "rank_0.safetensors"), "pt") as fh:
         names = list(fh.keys())
@@ -104,10 +104,10 @@ def test_lora_checkpoint_holds_adapters_only_and_exports_for_peft(data, tmp_path
     # The adapters-only checkpoint reloads into a world of 3 (frozen base from the config).
     for rank in range(3):
         eng3, tr3 = engine_for(LORA_CFG, data, LayoutOnly(rank, 3))
-        load_checkpoint(ckpt, engine=eng3, trainer=tr3, rank=rank, world_size=3)
+        load_checkpoint(ckpt, tr3.states, rank=rank, world_size=3)
         for u, u3 in zip(engine.units, eng3.units):
             n = u.layout.trainable_numel
-            a, b = rank * u3.st, min((rank + 1) * u3.st, n)
+            a, b = rank * u3.trainable_shard, min((rank + 1) * u3.trainable_shard, n)
             if b > a:
                 assert torch.equal(u3.master.detach()[: b - a], u.master.detach()[a:b])
             want = ["exp_avg", "exp_avg_sq", "step"] if n else []  # the root unit: no adapter

@@ -8,12 +8,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from coordinator_helpers import TOKEN, CoordinatorProcess, client, statuses
+from coordinator_helpers import TOKEN, CoordinatorProcess, client, listed_workers, statuses
 
 from coordinator.server import bind
-from worker.coordinator_client import CoordinatorClient, CoordinatorError, Generation, PeerInfo
-from worker.heartbeat import HeartbeatTask
-from worker.membership import Membership
+from worker.membership.client import CoordinatorClient, CoordinatorError, Generation, PeerInfo
+from worker.membership.facade import Membership
+from worker.membership.heartbeat import HeartbeatTask
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -37,12 +37,12 @@ async def test_clients_get_identical_generations(url):
         gens = await asyncio.gather(*(c.wait_ready(3, timeout=10) for c in clients))
         peers = [PeerInfo(f"w{i}", "127.0.0.1", 52000 + i, i) for i in range(3)]
         assert gens == [Generation(1, i, 3, peers) for i in range(3)]
-        rows = await clients[0].workers()
+        rows = await listed_workers(clients[0].url)
         assert [(w["worker_id"], w["info"]) for w in rows] == [
             (f"w{i}", {"cpu_cores": 2}) for i in range(3)]
         await clients[1].report_telemetry(step=1, loss=2.0)
         await clients[2].leave()
-        assert [w["status"] for w in await clients[0].workers()] == ["alive", "alive", "left"]
+        assert [w["status"] for w in await listed_workers(clients[0].url)] == ["alive", "alive", "left"]
         again = await asyncio.gather(*(c.wait_ready(2, timeout=10, after_generation=1)
                                        for c in clients[:2]))
         assert [(g.generation, g.rank, g.world_size) for g in again] == [(2, 0, 2), (2, 1, 2)]
@@ -111,7 +111,7 @@ async def test_client_rides_out_a_coordinator_restart(tmp_path):
             t0 = time.monotonic()
             await asyncio.wait_for(pending, 10)
             assert time.monotonic() - t0 < 3.0
-            assert [(w["worker_id"], w["status"], w["step"]) for w in await c.workers()] == [
+            assert [(w["worker_id"], w["status"], w["step"]) for w in await listed_workers(c.url)] == [
                 ("w0", "alive", 2)]
         finally:
             second.kill()
@@ -120,7 +120,7 @@ async def test_client_rides_out_a_coordinator_restart(tmp_path):
         try:
             await c.heartbeat(step=3)  # 404: re-registers, then heartbeats
             assert [(w["worker_id"], w["status"], w["port"], w["step"])
-                    for w in await c.workers()] == [("w0", "alive", 52000, 3)]
+                    for w in await listed_workers(c.url)] == [("w0", "alive", 52000, 3)]
         finally:
             third.kill()
     finally:
@@ -163,7 +163,7 @@ async def test_heartbeat_task_keeps_a_worker_alive_and_stops_at_once(fast_url):
         task.update(phase="train", step=5)
         task.start()
         await asyncio.sleep(1.6)  # well past the heartbeat timeout
-        rows = await c.workers()
+        rows = await listed_workers(c.url)
         assert [(w["status"], w["phase"], w["step"]) for w in rows] == [("alive", "train", 5)]
         assert 5 <= task.sent <= 11  # every 0.2 s, ±10%
         t0 = time.monotonic()
@@ -172,7 +172,7 @@ async def test_heartbeat_task_keeps_a_worker_alive_and_stops_at_once(fast_url):
         sent = task.sent
         await asyncio.sleep(1.3)
         assert task.sent == sent
-        assert [w["status"] for w in await c.workers()] == ["dead"]
+        assert [w["status"] for w in await listed_workers(c.url)] == ["dead"]
     finally:
         await task.stop()
         await c.close()

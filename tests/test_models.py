@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.data import ByteTokenizer, load_tokenizer
-from worker.models import (
-    PRESETS,
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    build_model,
-    find_block_modules,
-)
+from worker.data.tokenizer import ByteTokenizer, load_tokenizer
+from worker.models.blocks import find_block_modules
+from worker.models.config import ModelConfig
+from worker.models.loading import build_model
+from worker.models.lora import LoraSettings, apply_lora
+from worker.models.presets import PRESETS
 
 V = ByteTokenizer.vocab_size
 TASK = {"tiny-bert": "sequence-classification"}

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.data import ClassificationData, DataConfig, HFTokenizer, PackedText, load_tokenizer
-from worker.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    build_model,
-    find_block_modules,
-    minilm_path,
-)
+from worker.data.classification import ClassificationData
+from worker.data.config import DataConfig
+from worker.data.packing import PackedText
+from worker.data.tokenizer import HFTokenizer, load_tokenizer
+from worker.models.blocks import find_block_modules
+from worker.models.config import ModelConfig
+from worker.models.loading import build_model, minilm_path
+from worker.models.lora import LoraSettings, apply_lora
 
 MINILM = minilm_path()
 pytestmark = pytest.mark.skipif(

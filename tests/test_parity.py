@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from harness.builders import build_data_and_model
+from harness.reference import train_reference
 from parity_scenarios import SCENARIOS, TOLERANCE
 from safetensors.torch import load_file
-
-from worker.main import build_data_and_model
-from worker.reference import train_reference
 
 HERE = Path(__file__).resolve().parent
 CASES = [(b, n) for b in ("grpc", "torch") for n in (1, 2, 3)]

@@ -13,10 +13,18 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import torch
+from harness.fault_worker import FAULT_WORKER
+from harness.faults import PHASES
 from run_helpers import assert_same_weights, result
 
-from worker.faults import PHASES
-from worker.launcher import kill_all, run_local_cluster, spawn, start_coordinator, supervise, worker_argv
+from worker.cluster.launcher import (
+    kill_all,
+    run_local_cluster,
+    spawn,
+    start_coordinator,
+    supervise,
+    worker_argv,
+)
 
 TOKEN = "recovery-token"
 STEPS = 8
@@ -34,7 +42,7 @@ def train(out: Path, *, env: dict | None = None, restarts: int = 0) -> list:
     ckpt = out / "ckpt"
     args = ARGS + ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--output", str(out)]
     return run_local_cluster(2, args, token=TOKEN, echo=False, timeout=400, max_restarts=restarts,
-                             worker_env=env)
+                             worker_env=env, worker_entry=FAULT_WORKER)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness.builders import build_data_and_model
 
+from communication.grpc_collectives import GrpcCollectives
 from communication.grpc_transport import GrpcTransport
-from worker.config import TrainConfig
-from worker.data import DataConfig
-from worker.main import build_data_and_model, shard
-from worker.models import ModelConfig
-from worker.optim import OptimConfig
-from worker.trainer import Trainer
+from worker.data.config import DataConfig
+from worker.main import shard_for_training
+from worker.models.config import ModelConfig
+from worker.train.config import TrainConfig
+from worker.train.optim import OptimConfig
+from worker.train.state import TrainState
+from worker.train.trainer import Trainer
 
 CFG = TrainConfig(model=ModelConfig(name="tiny-gpt2"), steps=3, micro_batch_rows=2,
                   data=DataConfig(seq_len=16, max_tokens=20_000), mixed_precision="fp16",
@@ -22,10 +25,10 @@ CFG = TrainConfig(model=ModelConfig(name="tiny-gpt2"), steps=3, micro_batch_rows
 @pytest.fixture
 def trainer():
     transport = GrpcTransport(token="t")
-    coll = transport.collectives(rank=0, world_size=1, peers=[transport.address], generation=1,
+    coll = GrpcCollectives.bind(transport, rank=0, world_size=1, peers=[transport.address], generation=1,
                                  timeout=30.0)
     data, model = build_data_and_model(CFG)
-    engine = shard(CFG, model, coll, 1)
+    engine = shard_for_training(CFG, model, coll, 1)
     yield Trainer(CFG, engine=engine, data=data, rank=0, world_size=1)
     coll.close()
     transport.close()
@@ -52,7 +55,7 @@ def test_checkpoint_cadence(tmp_path):
     due = []
     for step in range(1, 11):
         t = Trainer.__new__(Trainer)
-        t.config, t.step = cfg, step
+        t.config, t.state = cfg, TrainState(rows_per_step=cfg.micro_batch_rows, step=step)
         if t._checkpoint_due():
             due.append(step)
     assert due == [4, 8, 10]

@@ -1,25 +1,47 @@
-"""The worker entry point: transport, membership, model, sharding, training, final report."""
+"""The worker's wiring: transport, membership, data, model, sharding, training, final report.
+
+Each part lives in its own sub-package; this module only builds them in order and runs the
+generations (rejoining after a lost peer). Observers passed to ``run_worker`` see every
+activity of the engine, trainer and checkpoints (worker/engine/progress.py).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from communication.collectives import CollectiveError, Collectives
-from worker.config import TrainConfig
+from communication.grpc_collectives import GrpcCollectives
+from communication.grpc_transport import GrpcTransport
+from communication.torch_collectives import TorchCollectives
+from worker.cluster.ports import free_port
+from worker.data.classification import ClassificationData
+from worker.data.packing import PackedText
+from worker.data.tokenizer import load_tokenizer
+from worker.engine.config import ShardConfig
+from worker.engine.progress import NO_OBSERVERS, Observer, Observers
+from worker.engine.shard import shard_model
+from worker.engine.zero3 import Zero3Engine
 from worker.logs import set_rank
-from worker.zero3 import ShardConfig, Zero3Engine, shard_model
+from worker.membership.client import Generation
+from worker.membership.facade import Membership
+from worker.models.blocks import find_block_modules
+from worker.models.dtypes import compute_dtype
+from worker.models.loading import build_model
+from worker.models.lora import apply_lora
+from worker.state.rescue import publish_rescue, write_rescue
+from worker.train.config import TrainConfig
+from worker.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,67 +62,53 @@ class WorkerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def build_collectives(cfg: WorkerConfig, generation, transport) -> Collectives:
+def build_collectives(cfg: WorkerConfig, generation: Generation,
+                      transport: GrpcTransport | None) -> Collectives:
     """The transport for this generation: our gRPC collectives or torch.distributed."""
     peers = [f"{p.ip_address}:{p.port}" for p in generation.peers]
     if cfg.train.backend == "grpc":
-        return transport.collectives(rank=generation.rank, world_size=generation.world_size,
-                                     peers=peers, generation=generation.generation,
-                                     timeout=cfg.train.timeout, codec=cfg.train.codec)
-    from communication.torch_collectives import TorchCollectives
-
+        return GrpcCollectives.bind(transport, rank=generation.rank,
+                                    world_size=generation.world_size, peers=peers,
+                                    generation=generation.generation, timeout=cfg.train.timeout,
+                                    codec=cfg.train.codec)
     backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
     return TorchCollectives(rank=generation.rank, world_size=generation.world_size,
                             store_addr=peers[0], backend=backend, timeout=cfg.train.timeout,
                             device=torch.device(cfg.train.device))
 
 
-def build_data(train: TrainConfig):
+def build_data(train: TrainConfig) -> PackedText | ClassificationData:
     """Tokenizer and dataset (packed text, or classification examples), the same on every rank."""
-    from worker.data import PackedText, load_tokenizer
-
     tokenizer = load_tokenizer(train.model.name if Path(train.model.name).is_dir() else None)
     if train.model.task == "sequence-classification":
-        from worker.data import ClassificationData
-
         return ClassificationData(train.data, tokenizer)
     return PackedText(train.data, tokenizer)
 
 
-def build_model(train: TrainConfig, data):
+def build_trainable_model(train: TrainConfig, data) -> torch.nn.Module:
     """The (LoRA-wrapped) model for ``data``'s vocabulary, identical on every rank for one seed."""
-    from worker.models import apply_lora
-    from worker.models import build_model as from_config
-
-    model = from_config(train.model, vocab_size=data.tokenizer.vocab_size)
+    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size)
     return apply_lora(model, train.lora) if train.lora is not None else model
 
 
-def build_data_and_model(train: TrainConfig):
-    """Both, for a single process (the reference run, tests)."""
-    data = build_data(train)
-    return data, build_model(train, data)
-
-
-def shard(train: TrainConfig, model, collectives: Collectives, generation: int) -> Zero3Engine:
-    """Shard ``model`` into units (found automatically, or by ``unit_pattern``)."""
-    from worker.models import find_block_modules
-
+def shard_for_training(train: TrainConfig, model, collectives: Collectives, generation: int,
+                       observers: Observers = NO_OBSERVERS) -> Zero3Engine:
+    """Shard ``model`` into units (found automatically, or by ``unit_pattern``) as ``train``
+    says: device, compute dtype, deadline, prefetch."""
     blocks = find_block_modules(model, pattern=train.unit_pattern)
     device = torch.device(train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return shard_model(model, collectives=collectives,
                        config=ShardConfig(generation=generation, timeout=train.timeout,
-                                          compute_dtype=DTYPES[train.mixed_precision],
+                                          compute_dtype=compute_dtype(train.mixed_precision),
                                           device=device, prefetch=train.prefetch),
-                       block_names=blocks)
+                       block_names=blocks, observers=observers)
 
 
-def write_output(out_dir: str, engine: Zero3Engine, trainer, generation) -> None:
+def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,
+                 generation: Generation) -> None:
     """Rank 0 saves the full trained weights (safetensors) and a result JSON; all ranks gather."""
-    from safetensors.torch import save_file
-
     weights = dict(engine.iter_full_weights())
     if generation.rank != 0:
         return
@@ -121,35 +129,25 @@ def write_output(out_dir: str, engine: Zero3Engine, trainer, generation) -> None
     (path / "result.json").write_text(json.dumps(result, indent=1))
 
 
-def free_port(host: str) -> int:
-    """A port the OS says is free now (for torch.distributed's store on rank 0)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int:
+def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTransport | None,
+                     membership: Membership, data, observers: Observers = NO_OBSERVERS) -> int:
     """Train in one generation: fresh collectives, model and shards, resume from the newest
     checkpoint (resharded to this world size), run to the end. Raises CollectiveError when a
     peer is lost; the caller rejoins."""
-    from worker.trainer import Trainer
-
     cfg.train.check_world_size(gen.world_size)
     collectives = build_collectives(cfg, gen, transport)
     trainer = None
     try:
         if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
-            from worker.rescue import publish_rescue
-
             publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
                            rank=gen.rank, timeout=cfg.train.timeout)
-        model = build_model(cfg.train, data)
-        engine = shard(cfg.train, model, collectives, gen.generation)
+        model = build_trainable_model(cfg.train, data)
+        engine = shard_for_training(cfg.train, model, collectives, gen.generation, observers)
 
-        def on_step(st) -> None:
+        def on_step(done) -> None:
             # Telemetry also moves the coordinator's step/loss/throughput columns; heartbeats
             # carry only the phase (they used to repeat these three every step).
-            membership.report(**st.to_dict(), rank=gen.rank, generation=gen.generation)
+            membership.report(**done.to_dict(), rank=gen.rank, generation=gen.generation)
 
         membership.update_status(phase="train")
 
@@ -166,22 +164,19 @@ def train_generation(cfg: WorkerConfig, gen, transport, membership, data) -> int
         return 0
     except (CollectiveError, TimeoutError):
         if trainer is not None and trainer.buddy is not None:
-            from worker.rescue import write_rescue
-
             write_rescue(trainer.buddy, cfg.train.checkpoint_dir)
         raise
     finally:
         collectives.close()
 
 
-def run_worker(cfg: WorkerConfig) -> int:
-    """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code."""
-    from worker.membership import Membership
+def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
+    """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code.
 
+    ``observers`` see every activity of the engine, trainer and checkpoints as it begins."""
+    bus = Observers(observers)
     transport = None
     if cfg.train.backend == "grpc":
-        from communication.grpc_collectives import GrpcTransport
-
         transport = GrpcTransport(host=cfg.bind_host, port=cfg.port, token=cfg.token)
         port = transport.port
     else:
@@ -198,7 +193,7 @@ def run_worker(cfg: WorkerConfig) -> int:
             log.info("%s in generation %d as rank %d of %d", cfg.worker_id, gen.generation,
                      gen.rank, gen.world_size)
             try:
-                code = train_generation(cfg, gen, transport, membership, data)
+                code = train_generation(cfg, gen, transport, membership, data, bus)
                 break
             except (CollectiveError, TimeoutError) as err:
                 if attempt == cfg.max_recoveries:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.config import TrainConfig
-from worker.optim import build_optimizer, build_scheduler
-from worker.trainer import rank_micro_batch
+from worker.train.config import TrainConfig
+from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.trainer import rank_micro_batch
 
 
 @dataclass(slots=True, kw_only=True)

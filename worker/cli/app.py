@@ -6,7 +6,9 @@ import logging
 
 import typer
 
-from worker.options import build_train_config, help_text
+from worker.cli.options import build_train_config, help_text
+from worker.cluster.launcher import run_local_cluster
+from worker.logs import setup as setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -16,12 +18,6 @@ checkpoints_app = typer.Typer(no_args_is_help=True, help="Inspect sharded checkp
 app.add_typer(checkpoints_app, name="checkpoints")
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _logging(level: str) -> None:
-    from worker.logs import setup
-
-    setup(level)
 
 
 def _fail(message: str) -> None:
@@ -36,7 +32,7 @@ def coordinator(ctx: typer.Context) -> None:
 
     Its options are ``python -m coordinator``'s (see ``zerop2p coordinator --help``): one
     definition, with defaults from the coordinator's Settings."""
-    from coordinator.__main__ import main
+    from coordinator.__main__ import main  # lazy: fastapi, uvicorn
 
     main(ctx.args, prog="zerop2p coordinator")
 
@@ -58,10 +54,13 @@ def worker(
     heartbeat_interval: float = typer.Option(2.0, help="seconds between heartbeats"),
     log_level: str = typer.Option("info", help="debug, info, warning"),
 ) -> None:
-    """Join a coordinator and train with the other workers (training options below)."""
-    from worker.main import WorkerConfig, run_worker
+    """Join a coordinator and train with the other workers (training options below).
 
-    _logging(log_level)
+    A test harness may hand engine observers in as ``ctx.obj["observers"]`` (click's slot for
+    objects passed to a command); a user's run has none."""
+    from worker.main import WorkerConfig, run_worker  # lazy: torch, transformers
+
+    setup_logging(log_level)
     try:
         train = build_train_config(list(ctx.args))
     except (ValueError, TypeError, OSError) as err:
@@ -71,7 +70,8 @@ def worker(
                        join_timeout=join_timeout, output=output, train=train,
                        max_recoveries=max_recoveries, heartbeat_interval=heartbeat_interval,
                        **({"worker_id": worker_id} if worker_id else {}))
-    raise typer.Exit(run_worker(cfg))
+    observers = (ctx.obj or {}).get("observers", ()) if isinstance(ctx.obj, dict) else ()
+    raise typer.Exit(run_worker(cfg, observers=observers))
 
 
 @app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
@@ -83,7 +83,6 @@ def train(
     output: str = typer.Option(None, help="final weights and result.json are written here"),
 ) -> None:
     """Start a local coordinator and N workers and train (every worker option is forwarded)."""
-    from worker.launcher import run_local_cluster
 
     try:
         build_train_config(list(ctx.args))  # fail here, once, on a bad option
@@ -102,8 +101,8 @@ def train(
 def export(checkpoint: str = typer.Argument(..., help="a step_<n> directory (or its root)"),
            out: str = typer.Argument(..., help="output directory for from_pretrained")) -> None:
     """Write a Hugging Face model directory (or a peft adapter for LoRA runs)."""
-    from worker.checkpoint_files import CheckpointError, latest_checkpoint
-    from worker.export import export_checkpoint
+    from worker.state.catalog import CheckpointError, latest_checkpoint  # lazy: torch
+    from worker.state.export import export_checkpoint  # lazy: torch
 
     try:
         path = latest_checkpoint(checkpoint) or checkpoint
@@ -115,10 +114,6 @@ def export(checkpoint: str = typer.Argument(..., help="a step_<n> directory (or 
 @checkpoints_app.command("list")
 def checkpoints_list(root: str = typer.Argument(..., help="checkpoint directory")) -> None:
     """Step, world size, losses and size on disk of every complete checkpoint."""
-    from worker.checkpoint_files import format_checkpoints, list_checkpoints
+    from worker.state.catalog import format_checkpoints, list_checkpoints  # lazy: torch
 
     typer.echo(format_checkpoints(list_checkpoints(root)))
-
-
-if __name__ == "__main__":
-    app()

@@ -9,9 +9,16 @@ not typer, parses this table: typer wants one Python parameter per flag, which w
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from worker.config import TrainConfig, load_toml
+from worker.train.config import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,12 @@ def overrides_from_args(args: list[str]) -> tuple[str | None, dict]:
         *section, name = opt.target.split(".")
         (nested.setdefault(section[0], {}) if section else nested)[name] = value
     return path, nested
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a TOML file of options: top-level keys for training, tables [model] [data] [optim] [lora]."""
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
 
 
 def build_train_config(args: list[str]) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Start a local coordinator and N worker processes, stream their output with rank prefixes.
 
-Used by ``zerop2p train``, ``scripts/launch_workers.py`` and the two-worker integration script.
+Used by ``zerop2p train``, ``scripts/launch_workers.py``, the benchmarks and the tests.
 Every wait has a deadline; on failure or timeout every child is killed and the failing one named.
 """
 
@@ -15,11 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 URL_LINE = re.compile(r"coordinator listening on (http://\S+)")
+WORKER_ENTRY = (sys.executable, "-m", "worker.cli")  # the zerop2p command of this interpreter
 
 
 @dataclass(slots=True, kw_only=True)
@@ -84,8 +86,10 @@ def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_time
 
 
 def worker_argv(url: str, *, worker_id: str, min_workers: int, token: str | None,
-                extra: list[str]) -> list[str]:
-    argv = [sys.executable, "-m", "worker.cli", "worker", "--coordinator", url,
+                extra: list[str], entry: Sequence[str] = WORKER_ENTRY) -> list[str]:
+    """``entry worker --coordinator URL ...``: ``entry`` is the zerop2p CLI (a test harness
+    passes its own entry that installs observers first)."""
+    argv = [*entry, "worker", "--coordinator", url,
             "--worker-id", worker_id, "--min-workers", str(min_workers)]
     if token:
         argv += ["--token", token]
@@ -167,7 +171,8 @@ def kill_all(children: list[Child]) -> None:
 
 def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = "local-token",
                       timeout: float = 1800.0, echo: bool = True, max_restarts: int = 0,
-                      worker_env: dict | None = None) -> list[Child]:
+                      worker_env: dict | None = None,
+                      worker_entry: Sequence[str] = WORKER_ENTRY) -> list[Child]:
     """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed.
 
     A crashed worker is restarted under its own id (up to ``max_restarts`` times): it registers
@@ -178,7 +183,7 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
     try:
         for i in range(world_size):
             argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size, token=token,
-                               extra=worker_args)
+                               extra=worker_args, entry=worker_entry)
             workers.append(spawn(f"w{i}", argv, env=worker_env, echo=echo)[0])
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
         return workers

@@ -16,16 +16,13 @@ import time
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from worker.batching import Batch, RowDataset, RowSchedule
-from worker.corpus import STDLIB, directory_files, iter_jsonl, read_text, stdlib_files
-from worker.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from worker.data import DataConfig
+from worker.data.batching import Batch, RowDataset, RowSchedule
+from worker.data.config import DataConfig
+from worker.data.corpus import STDLIB, directory_files, iter_jsonl, read_text, stdlib_files
+from worker.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The token stream is every document followed by the end-of-text id, capped at ``max_tokens``;
 it is cut into rows of ``seq_len`` tokens, and the last ``eval_fraction`` of the rows (at
 least one when the fraction is positive) is the held-out split. Which training rows form each
-global batch, and each rank's share, is in ``worker/batching.py``.
+global batch, and each rank's share, is in ``batching.py``.
 """
 
 from __future__ import annotations
@@ -12,44 +12,15 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
-from worker.batching import Batch, RowDataset, RowSchedule
-from worker.classification import ClassificationData
-from worker.corpus import iter_documents
-from worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from worker.data.batching import Batch, RowDataset, RowSchedule
+from worker.data.config import DataConfig
+from worker.data.corpus import iter_documents
+from worker.data.tokenizer import ByteTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-
-__all__ = ["DataConfig", "PackedText", "ClassificationData", "ByteTokenizer", "HFTokenizer",
-           "load_tokenizer", "tokenize_stream"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DataConfig:
-    """Where text comes from and how it becomes rows; validated with the numbers."""
-
-    source: str = "stdlib"  # "stdlib" | .txt file | .jsonl file | directory of .txt/.md/.py
-    text_field: str = "text"
-    label_field: str = "label"  # classification from .jsonl: an int label per line
-    seq_len: int = 64  # tokens per row (labels = input_ids; HF models shift inside)
-    eval_fraction: float = 0.05  # held-out tail
-    max_tokens: int | None = 2_000_000
-    max_examples: int | None = 4_000  # classification: examples kept in all
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_tokens is not None and self.max_tokens < self.seq_len:
-            raise ValueError(f"max_tokens ({self.max_tokens}) is below seq_len ({self.seq_len})")
-        if self.max_examples is not None and self.max_examples < 2:
-            raise ValueError(f"max_examples must be >= 2, got {self.max_examples}")
-
 
 def tokenize_stream(config: DataConfig, tokenizer: Tokenizer) -> torch.Tensor:
     """Every document's tokens then eos, concatenated and capped: LongTensor [n]."""

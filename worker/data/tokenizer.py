@@ -99,7 +99,7 @@ def load_tokenizer(model_dir: str | Path | None) -> ByteTokenizer | HFTokenizer:
         log.info("no tokenizer files in %s (looked for %s); using the byte tokenizer", path,
                  ", ".join(TOKENIZER_FILES))
         return ByteTokenizer()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers
 
     tok = HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     log.info("loaded %r from %s", tok, path)

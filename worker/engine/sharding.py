@@ -161,9 +161,9 @@ def owned_range(numel_padded_shard: int, rank: int) -> tuple[int, int]:
 def flatten_params(layout: FlatLayout, params: dict[str, torch.Tensor], world_size: int,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Full padded (trainable, frozen) regions from full parameter tensors, in ``dtype``."""
-    st, sf = layout.shard_sizes(world_size)
-    train = torch.zeros(st * world_size, dtype=dtype)
-    frozen = torch.zeros(sf * world_size, dtype=dtype)
+    trainable_n, frozen_n = layout.shard_sizes(world_size)
+    train = torch.zeros(trainable_n * world_size, dtype=dtype)
+    frozen = torch.zeros(frozen_n * world_size, dtype=dtype)
     for slot in layout.slots:
         dst = train if slot.trainable else frozen
         dst[slot.offset : slot.offset + slot.numel].copy_(params[slot.name].detach().reshape(-1))

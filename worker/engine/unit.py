@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from communication.collectives import Collectives, Key, result
-from worker.sharding import FlatLayout, flatten_params, owned_range
+from worker.engine.sharding import FlatLayout, flatten_params, owned_range
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +30,38 @@ class UnitState(enum.Enum):
 
 
 class ShardedUnit:
-    """Owned fp32 master slice (trainable), owned frozen slice, and the gather/free machinery."""
+    """Owned fp32 master slice (trainable), owned frozen slice, and the gather/free machinery.
+
+    ``trainable_shard`` and ``frozen_shard`` are the per-rank element counts S of the two
+    padded regions (see the note in sharding.py); ``reduced`` says whether this backward has
+    already reduce-scattered the unit's gradient."""
 
     def __init__(self, layout: FlatLayout, module: nn.Module, params: dict[str, nn.Parameter], *,
                  rank: int, world_size: int, compute_dtype: torch.dtype, device: torch.device):
         self.layout = layout
+        self.index = layout.unit
+        self.is_root = layout.unit == 0  # wraps the whole model: gathered through to backward
         self.module = module
         self.rank = rank
         self.world_size = world_size
         self.compute_dtype = compute_dtype
         self.device = device
-        self.st, self.sf = layout.shard_sizes(world_size)
+        self.trainable_shard, self.frozen_shard = layout.shard_sizes(world_size)
         self.params = [params[s.name] for s in layout.slots]
         self.trainable_params = [p for s, p in zip(layout.slots, self.params) if s.trainable]
+        self.grads_seen = 0  # trainable parameters whose grad arrived in this backward
+        self.reduced = False
 
         train, frozen = flatten_params(layout, params, world_size, torch.float32)
-        a, b = owned_range(self.st, rank)
-        self.master = nn.Parameter(train[a:b].clone().to(device), requires_grad=self.st > 0)
-        a, b = owned_range(self.sf, rank)
+        a, b = owned_range(self.trainable_shard, rank)
+        self.master = nn.Parameter(train[a:b].clone().to(device),
+                                   requires_grad=self.trainable_shard > 0)
+        a, b = owned_range(self.frozen_shard, rank)
         self.frozen = frozen[a:b].to(device=device, dtype=compute_dtype).clone()
 
-        n_train = self.st * world_size
-        self.full = torch.empty(n_train + self.sf * world_size, dtype=compute_dtype, device=device)
+        n_train = self.trainable_shard * world_size
+        self.full = torch.empty(n_train + self.frozen_shard * world_size, dtype=compute_dtype,
+                                device=device)
         self._nbytes = self.full.untyped_storage().nbytes()
         self.full_bytes = self._nbytes
         for slot, p in zip(layout.slots, self.params):
@@ -62,11 +72,16 @@ class ShardedUnit:
         self._gather: Future | None = None
         self._gather_key: Key | None = None
 
+    @property
+    def trains(self) -> bool:
+        """Whether the unit has trainable elements (a gradient to reduce, a slice to step)."""
+        return self.trainable_shard > 0
+
     # --- parameters -------------------------------------------------------------------------
     def local_shard(self) -> torch.Tensor:
         """What this rank contributes to an all-gather: its trainable then frozen slice."""
         own = self.master.detach().to(self.compute_dtype)
-        return torch.cat([own, self.frozen]) if self.sf else own
+        return torch.cat([own, self.frozen]) if self.frozen_shard else own
 
     def begin_gather(self, collectives: Collectives, key: Key) -> None:
         """Start the all-gather unless the unit is already gathering or unsharded."""
@@ -81,36 +96,44 @@ class ShardedUnit:
         if self.state is UnitState.UNSHARDED:
             return
         if self.state is UnitState.SHARDED:
-            raise RuntimeError(f"unit {self.layout.unit}: wait_gathered before begin_gather")
+            raise RuntimeError(f"unit {self.index}: wait_gathered before begin_gather")
         gathered = result(self._gather, key=self._gather_key, rank=self.rank, timeout=timeout)
         self._gather = None
-        expected = self.world_size * (self.st + self.sf)
-        if gathered.numel() != expected:
+        row = self.trainable_shard + self.frozen_shard
+        if gathered.numel() != self.world_size * row:
             raise RuntimeError(
-                f"unit {self.layout.unit} key {self._gather_key}: all-gather returned "
-                f"{gathered.numel()} elements, expected {expected}"
+                f"unit {self.index} key {self._gather_key}: all-gather returned "
+                f"{gathered.numel()} elements, expected {self.world_size * row}"
             )
         self.full.untyped_storage().resize_(self._nbytes)
-        rows = gathered.view(self.world_size, self.st + self.sf)
-        n_train = self.st * self.world_size
+        rows = gathered.view(self.world_size, row)
+        n_train = self.trainable_shard * self.world_size
         # .data: refill storage without bumping the version counter of saved views.
         full = self.full.data
-        full[:n_train].view(self.world_size, self.st).copy_(rows[:, : self.st])
-        if self.sf:
-            full[n_train:].view(self.world_size, self.sf).copy_(rows[:, self.st :])
+        full[:n_train].view(self.world_size, self.trainable_shard).copy_(
+            rows[:, : self.trainable_shard])
+        if self.frozen_shard:
+            full[n_train:].view(self.world_size, self.frozen_shard).copy_(
+                rows[:, self.trainable_shard :])
         self.state = UnitState.UNSHARDED
 
     def free(self) -> None:
         """Release the full buffer's memory; owned slices stay."""
         if self.state is UnitState.GATHERING:
-            raise RuntimeError(f"unit {self.layout.unit}: free while a gather is in flight")
+            raise RuntimeError(f"unit {self.index}: free while a gather is in flight")
         self.full.untyped_storage().resize_(0)
         self.state = UnitState.SHARDED
 
     # --- gradients --------------------------------------------------------------------------
+    def begin_backward(self) -> None:
+        """A new backward: no grads seen, nothing reduced yet."""
+        self.grads_seen = 0
+        self.reduced = False
+
     def take_flat_grad(self) -> torch.Tensor:
         """The unit's full padded fp32 gradient (zeros where none arrived); clears ``.grad``."""
-        flat = torch.zeros(self.st * self.world_size, dtype=torch.float32, device=self.device)
+        flat = torch.zeros(self.trainable_shard * self.world_size, dtype=torch.float32,
+                           device=self.device)
         for slot, p in zip(self.layout.slots, self.params):
             if not slot.trainable:
                 continue
@@ -121,18 +144,13 @@ class ShardedUnit:
 
     def add_owned_grad(self, owned: torch.Tensor, scale: float) -> None:
         """Accumulate a reduced owned gradient slice (times ``scale``) into ``master.grad``."""
-        if owned.numel() != self.st:
+        if owned.numel() != self.trainable_shard:
             raise RuntimeError(
-                f"unit {self.layout.unit}: reduce-scatter returned {owned.numel()} elements, "
-                f"expected {self.st}"
+                f"unit {self.index}: reduce-scatter returned {owned.numel()} elements, "
+                f"expected {self.trainable_shard}"
             )
         owned = owned.to(device=self.device, dtype=torch.float32) * scale
         if self.master.grad is None:
             self.master.grad = owned
         else:
             self.master.grad.add_(owned)
-
-    def state_bytes(self) -> int:
-        """Bytes of model state this rank holds for the unit: master, its grad, frozen slice."""
-        n = self.master.numel() * 4 + self.frozen.numel() * self.frozen.element_size()
-        return n + (self.master.numel() * 4 if self.master.grad is not None else 0)

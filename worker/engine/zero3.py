@@ -1,9 +1,10 @@
 """The ZeRO-3 engine: gathers each unit just before it runs, frees it after, reduce-scatters its
-gradient after its backward, and steps the optimizer on owned slices only.
+gradient after its backward, and leaves the optimizer step on owned slices to the caller.
 
 It talks to a ``Collectives`` object and never learns which transport is behind it. Compute is
 synchronous in the caller's thread; collectives run elsewhere and are awaited only when their
-data is needed, so the gather of the next unit overlaps the compute of the current one.
+data is needed, so the gather of the next unit overlaps the compute of the current one. What
+it does is published to ``Observers`` (progress.py) as each activity begins.
 """
 
 from __future__ import annotations
@@ -11,78 +12,47 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from communication.collectives import Collectives, Key, Phase, result
-from worker.faults import Fault, maybe_die
-from worker.sharding import FlatLayout, build_layout, discover_units
-from worker.unit import ShardedUnit, UnitState
+from worker.engine.config import ShardConfig
+from worker.engine.progress import NO_OBSERVERS, Activity, Observers, Progress
+from worker.engine.sharding import FlatLayout
+from worker.engine.unit import ShardedUnit, UnitState
 
 log = logging.getLogger(__name__)
 
 
 class EnginePhase(enum.Enum):
-    """What the engine is doing; hooks behave differently in each."""
+    """What the engine is running; the hooks read it to decide what to do."""
 
-    IDLE = "idle"
-    FORWARD = "forward"
-    BACKWARD = "backward"
-    STEP = "step"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardConfig:
-    """How to shard: transport deadline, compute dtype, device, prefetching."""
-
-    generation: int = 0
-    timeout: float = 120.0
-    compute_dtype: torch.dtype = torch.float32
-    device: torch.device = torch.device("cpu")
-    prefetch: bool = True
-
-
-def shard_model(model: nn.Module, *, collectives: Collectives, config: ShardConfig,
-                block_names: list[str]) -> Zero3Engine:
-    """Shard ``model`` in place, in a fixed order: unit discovery, flat layouts, slices, hooks.
-
-    Apply LoRA before calling this: trainable/frozen is read from ``requires_grad`` here.
-    Every rank must build the same model (same seed or same weights) before sharding.
-    """
-    model.to(config.device)
-    specs = discover_units(model, block_names)
-    units = []
-    for spec in specs:
-        layout = build_layout(spec.unit, spec.module_name, spec.params)
-        units.append(
-            ShardedUnit(layout, spec.module, dict(spec.params), rank=collectives.rank,
-                        world_size=collectives.world_size, compute_dtype=config.compute_dtype,
-                        device=config.device)
-        )
-    # Buffers (position ids, rotary tables) stay replicated; only parameters are sharded.
-    return Zero3Engine(model, units, collectives=collectives, config=config)
+    IDLE = "idle"  # between passes: every unit sharded
+    FORWARD = "forward"  # a training forward: units freed after use, backward hooks installed
+    EVAL = "eval"  # a forward without grad: no backward follows, everything freed at its end
+    BACKWARD = "backward"  # units regathered before their backward, gradients reduce-scattered
 
 
 class Zero3Engine:
-    """Runs forward/backward on a sharded model and steps its owned slices."""
+    """Runs forward/backward on a sharded model; owned gradients land in ``master.grad``."""
 
     def __init__(self, model: nn.Module, units: list[ShardedUnit], *, collectives: Collectives,
-                 config: ShardConfig):
+                 config: ShardConfig, observers: Observers = NO_OBSERVERS):
         self.model = model
         self.units = units
-        self.coll = collectives
+        self.collectives = collectives
         self.config = config
+        self.observers = observers
         self.generation = config.generation
         self.step_index = 0
         self.phase = EnginePhase.IDLE
         self._forward_index = 0  # forwards run in this step: the Key's micro_batch
-        self._reduce_index = 0  # all-reduces run in this step: the Key's unit
+        self._reduce_index = 0  # all-reduces run in this step: the Key's index
+        self._weights_index = 0  # full-weight gathers run in this step: the Key's index
         self._pending: list[tuple[ShardedUnit, Key, Future]] = []
-        self._grads_seen = [0] * len(units)
-        self._reduced = [False] * len(units)
         self._deferred_free: list[ShardedUnit] = []  # reduced units autograd may still read
         self.collective_counts: dict[Phase, int] = {p: 0 for p in Phase}
         self.peak_unsharded_bytes = 0  # most bytes of gathered full buffers alive at once
@@ -95,28 +65,32 @@ class Zero3Engine:
 
     def parameters(self) -> list[nn.Parameter]:
         """The owned fp32 master slices: what the optimizer steps."""
-        return [u.master for u in self.units if u.st > 0]
+        return [u.master for u in self.units if u.trains]
 
     def forward(self, **batch):
-        """Run the model on this rank's micro-batch; returns the model's output."""
-        self.phase = EnginePhase.FORWARD
+        """Run the model on this rank's micro-batch; returns the model's output. Without grad
+        (evaluation) every unit is sharded again when it returns."""
+        self.phase = EnginePhase.FORWARD if torch.is_grad_enabled() else EnginePhase.EVAL
         try:
             out = self.model(**batch)
         finally:
             self._forward_index += 1
-        if not torch.is_grad_enabled():
+        if self.phase is EnginePhase.EVAL:
             self._free_all()
             self.phase = EnginePhase.IDLE
         return out
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward through the sharded model; owned grads accumulate the mean over ranks."""
+        if self.phase is not EnginePhase.FORWARD:
+            raise RuntimeError(f"rank {self.collectives.rank}: backward in phase "
+                               f"{self.phase.value}; it must follow a training forward")
         self.phase = EnginePhase.BACKWARD
-        self._grads_seen = [0] * len(self.units)
-        self._reduced = [False] * len(self.units)
+        for unit in self.units:
+            unit.begin_backward()
         loss.backward()
-        for unit in self.units:  # units whose params got no grad at all, or frozen-only units
-            if unit.st > 0 and not self._reduced[unit.layout.unit]:
+        for unit in self.units:  # units whose params got no grad at all
+            if unit.trains and not unit.reduced:
                 self._reduce(unit)
         self._free_all()
         self._drain()
@@ -124,11 +98,11 @@ class Zero3Engine:
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a small fp32 tensor over all ranks (one collective)."""
-        key = Key(generation=self.generation, step=self.step_index, unit=self._reduce_index,
-                  micro_batch=0, phase=Phase.ALL_REDUCE)
+        key = Key(generation=self.generation, phase=Phase.ALL_REDUCE, step=self.step_index,
+                  index=self._reduce_index)
         self._reduce_index += 1
         self.collective_counts[Phase.ALL_REDUCE] += 1
-        fut = self.coll.all_reduce(key, values.to(torch.float32).reshape(-1))
+        fut = self.collectives.all_reduce(key, values.to(torch.float32).reshape(-1))
         return self._result(fut, key).cpu()
 
     def clip_grad_norm(self, max_norm: float | None,
@@ -150,38 +124,44 @@ class Zero3Engine:
                     g.mul_(coef)
         return norm, (total[1:] if extra is not None else None)
 
-    def iter_full_weights(self, *, trainable_only: bool = False):
+    def iter_full_weights(self, *, trainable_only: bool = False
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, full fp32 tensor) unit by unit, gathered from the owned master slices.
 
         Every rank must call it (it is collective); at most one unit is held at a time.
         """
+        index, self._weights_index = self._weights_index, self._weights_index + 1
         for unit in self.units:
-            if trainable_only and unit.st == 0:
+            if trainable_only and not unit.trains:
                 continue
             shard = torch.cat([unit.master.detach().float(), unit.frozen.float()])
-            key = self._key(Phase.GATHER_FORWARD, unit.layout.unit)
-            self.collective_counts[Phase.GATHER_FORWARD] += 1
-            rows = self._result(self.coll.all_gather(key, shard), key)
-            rows = rows.view(self.coll.world_size, unit.st + unit.sf).cpu()
-            train = rows[:, : unit.st].reshape(-1)
-            frozen = rows[:, unit.st :].reshape(-1)
+            key = Key(generation=self.generation, phase=Phase.GATHER_WEIGHTS,
+                      step=self.step_index, unit=unit.index, index=index)
+            self.collective_counts[Phase.GATHER_WEIGHTS] += 1
+            rows = self._result(self.collectives.all_gather(key, shard), key)
+            rows = rows.view(self.collectives.world_size, -1).cpu()
+            train = rows[:, : unit.trainable_shard].reshape(-1)
+            frozen = rows[:, unit.trainable_shard :].reshape(-1)
             for slot in unit.layout.slots:
                 if trainable_only and not slot.trainable:
                     continue
                 region = train if slot.trainable else frozen
                 yield slot.name, region[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
-        self._forward_index += 1
 
     def end_step(self) -> None:
         """Mark the end of an optimizer step: the next collectives carry the next step number."""
         self.step_index += 1
         self._forward_index = 0
         self._reduce_index = 0
+        self._weights_index = 0
         self.phase = EnginePhase.IDLE
 
-    def state_bytes(self) -> int:
-        """Bytes of model state (params, grads, optimizer state not included) this rank holds."""
-        return sum(u.state_bytes() for u in self.units)
+    def publish(self, activity: Activity, unit: int | None = None) -> None:
+        """Tell the observers what begins now (the trainer and checkpointer use it too)."""
+        if self.observers:
+            self.observers.publish(Progress(activity=activity, rank=self.collectives.rank,
+                                            step=self.step_index, unit=unit,
+                                            micro_batch=self._forward_index))
 
     # --- hooks ------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -191,21 +171,25 @@ class Zero3Engine:
             for p in unit.trainable_params:
                 p.register_post_accumulate_grad_hook(self._make_post_accumulate(unit))
 
-    def _key(self, phase: Phase, unit: int) -> Key:
-        return Key(generation=self.generation, step=self.step_index, unit=unit,
-                   micro_batch=self._forward_index, phase=phase)
+    def _key(self, phase: Phase, unit: ShardedUnit) -> Key:
+        return Key(generation=self.generation, phase=phase, step=self.step_index,
+                   unit=unit.index, micro_batch=self._forward_index)
 
     def _gather(self, unit: ShardedUnit, phase: Phase) -> None:
-        maybe_die(Fault.GATHER, step=self.step_index, rank=self.coll.rank)
         if unit.state is UnitState.SHARDED:
+            self.publish(Activity.GATHER, unit.index)
             self.collective_counts[phase] += 1
-            unit.begin_gather(self.coll, self._key(phase, unit.layout.unit))
+            unit.begin_gather(self.collectives, self._key(phase, unit))
 
     def _make_pre_forward(self, unit: ShardedUnit):
         def hook(module, args):
-            maybe_die(Fault.FORWARD, step=self.step_index, rank=self.coll.rank)
+            if self.phase not in (EnginePhase.FORWARD, EnginePhase.EVAL):
+                raise RuntimeError(f"rank {self.collectives.rank}: unit {unit.index} ran forward "
+                                   f"in engine phase {self.phase.value}; run the model through "
+                                   "Zero3Engine.forward (recomputation is not supported)")
+            self.publish(Activity.FORWARD, unit.index)
             self._gather(unit, Phase.GATHER_FORWARD)
-            nxt = unit.layout.unit + 1
+            nxt = unit.index + 1
             if self.config.prefetch and nxt < len(self.units):
                 self._gather(self.units[nxt], Phase.GATHER_FORWARD)
             unit.wait_gathered(self.config.timeout)
@@ -214,10 +198,10 @@ class Zero3Engine:
 
     def _make_post_forward(self, unit: ShardedUnit):
         def hook(module, args, output):
-            if unit.layout.unit == 0:
-                return None  # the root unit wraps the whole model: freed after backward
+            if unit.is_root:
+                return None  # the root wraps the whole model: freed after backward
             unit.free()
-            if torch.is_grad_enabled():
+            if self.phase is EnginePhase.FORWARD:
                 for t in _tensors(output):
                     if t.requires_grad:
                         t.register_hook(self._make_pre_backward(unit))
@@ -226,12 +210,12 @@ class Zero3Engine:
 
     def _make_pre_backward(self, unit: ShardedUnit):
         def hook(grad):
-            maybe_die(Fault.BACKWARD, step=self.step_index, rank=self.coll.rank)
-            self._free_deferred(after=unit.layout.unit)
-            if unit.state is not UnitState.UNSHARDED and not self._reduced[unit.layout.unit]:
+            self.publish(Activity.BACKWARD, unit.index)
+            self._free_deferred(after=unit.index)
+            if unit.state is not UnitState.UNSHARDED and not unit.reduced:
                 self._gather(unit, Phase.GATHER_BACKWARD)
-                prev = unit.layout.unit - 1
-                if self.config.prefetch and prev >= 1 and not self._reduced[prev]:
+                prev = unit.index - 1
+                if self.config.prefetch and prev >= 1 and not self.units[prev].reduced:
                     self._gather(self.units[prev], Phase.GATHER_BACKWARD)
                 unit.wait_gathered(self.config.timeout)
                 self._track_peak()
@@ -239,12 +223,9 @@ class Zero3Engine:
         return hook
 
     def _make_post_accumulate(self, unit: ShardedUnit):
-        n_trainable = len(unit.trainable_params)
-
         def hook(param):
-            i = unit.layout.unit
-            self._grads_seen[i] += 1
-            if self._grads_seen[i] == n_trainable:
+            unit.grads_seen += 1
+            if unit.grads_seen == len(unit.trainable_params):
                 self._reduce(unit)
         return hook
 
@@ -260,33 +241,33 @@ class Zero3Engine:
         still read frozen ones (a LoRA base layer's input grad), so a unit holding any is freed
         later: when the previous unit's output grad is ready, which needs this unit's backward.
         """
-        maybe_die(Fault.REDUCE_SCATTER, step=self.step_index, rank=self.coll.rank)
+        self.publish(Activity.REDUCE_SCATTER, unit.index)
         flat = unit.take_flat_grad()
-        self._reduced[unit.layout.unit] = True
+        unit.reduced = True
         if unit.state is UnitState.UNSHARDED:
             if unit.layout.frozen_numel:
                 self._deferred_free.append(unit)
             else:
                 unit.free()
         self.collective_counts[Phase.REDUCE_SCATTER] += 1
-        key = self._key(Phase.REDUCE_SCATTER, unit.layout.unit)
-        self._pending.append((unit, key, self.coll.reduce_scatter(key, flat)))
+        key = self._key(Phase.REDUCE_SCATTER, unit)
+        self._pending.append((unit, key, self.collectives.reduce_scatter(key, flat)))
 
     def _drain(self) -> None:
         """Wait for every reduce-scatter of this backward and add the mean into owned grads."""
         pending, self._pending = self._pending, []
-        scale = 1.0 / self.coll.world_size
+        scale = 1.0 / self.collectives.world_size
         for unit, key, fut in pending:
             unit.add_owned_grad(self._result(fut, key), scale)
 
     def _result(self, fut: Future, key: Key):
-        return result(fut, key=key, rank=self.coll.rank, timeout=self.config.timeout)
+        return result(fut, key=key, rank=self.collectives.rank, timeout=self.config.timeout)
 
     def _free_deferred(self, *, after: int) -> None:
         """Free reduced units later than unit ``after``: their backward has finished."""
         keep = []
         for unit in self._deferred_free:
-            if unit.layout.unit > after and unit.state is UnitState.UNSHARDED:
+            if unit.index > after and unit.state is UnitState.UNSHARDED:
                 unit.free()
             elif unit.state is UnitState.UNSHARDED:
                 keep.append(unit)

@@ -1,5 +1,8 @@
 """The worker's async HTTP client for the coordinator: membership, barrier, telemetry.
 
+Bodies are built and answers read with the coordinator's own pydantic schemas
+(``coordinator/models.py``, the HTTP contract), so the contract is written once.
+
 Every request has a deadline. Connection errors, timeouts and 502/503/504 are retried with
 capped exponential backoff and jitter until ``retry_for`` runs out, so a coordinator restart
 is ridden out; any other 4xx/5xx raises ``CoordinatorError`` with the server's message.
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from coordinator.models import HeartbeatRequest, ReadyResponse, RegisterRequest, TelemetryRequest
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +60,29 @@ class CoordinatorError(RuntimeError):
         self.message = message
 
 
+def _body(schema: type[BaseModel], *, keep_none: bool = False, **fields: Any) -> dict:
+    """A request body validated by the coordinator's schema; a refusal names the field, as
+    the coordinator's 422 would, without a round trip."""
+    try:
+        return schema(**fields).model_dump(exclude_none=not keep_none)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        raise CoordinatorError(422, f"{schema.__name__} refused before sending: "
+                                    f"{problems}") from None
+
+
 def _generation(answer: dict, worker_id: str) -> Generation | None:
     """This worker's view of a ready answer, or None if it is not a member."""
-    if not answer.get("ready"):
+    ready = ReadyResponse.model_validate(answer)
+    if not ready.ready:
         return None
-    peers = sorted((PeerInfo(p["worker_id"], p["ip_address"], int(p["port"]), int(p["rank"]))
-                    for p in answer["workers"]), key=lambda p: p.rank)
+    peers = sorted((PeerInfo(p.worker_id, p.ip_address, p.port, p.rank) for p in ready.workers),
+                   key=lambda p: p.rank)
     mine = [p.rank for p in peers if p.worker_id == worker_id]
     if not mine:
         return None
-    return Generation(generation=int(answer["generation"]), rank=mine[0], world_size=len(peers),
+    return Generation(generation=ready.generation, rank=mine[0], world_size=len(peers),
                       peers=peers)
 
 
@@ -129,15 +148,15 @@ class CoordinatorClient:
     async def register(self, ip_address: str, port: int, *, retry_for: float | None = None,
                        **info: Any) -> dict:
         """Register (or re-register) this worker's gRPC address and capacity."""
-        self._registration = {"worker_id": self.worker_id, "ip_address": ip_address,
-                              "port": port, **{k: v for k, v in info.items() if v is not None}}
+        self._registration = _body(RegisterRequest, worker_id=self.worker_id,
+                                   ip_address=ip_address, port=port, **info)
         return await self._request("POST", "/workers/register", body=self._registration,
                                    retry_for=retry_for)
 
     async def heartbeat(self, *, retry_for: float | None = None, **status: Any) -> dict:
         """Heartbeat with optional status; re-registers if the coordinator forgot us (404)
         or declared us dead (409) while this process is in fact alive."""
-        body = {k: v for k, v in status.items() if v is not None}
+        body = _body(HeartbeatRequest, **status)
         path = f"/workers/{self.worker_id}/heartbeat"
         try:
             return await self._request("POST", path, body=body, retry_for=retry_for)
@@ -154,14 +173,12 @@ class CoordinatorClient:
         """Leave gracefully (the generation this worker is in ends)."""
         return await self._request("DELETE", f"/workers/{self.worker_id}", retry_for=retry_for)
 
-    async def workers(self) -> list[dict]:
-        return await self._request("GET", "/workers")
-
     async def report_telemetry(self, *, retry_for: float | None = None, **metrics: Any) -> dict:
         """Send one row of numeric metrics (flags travel as 0/1: the route takes numbers only)."""
         numbers = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
         return await self._request("POST", "/telemetry",
-                                   body={"worker_id": self.worker_id, **numbers},
+                                   body=_body(TelemetryRequest, keep_none=True,
+                                              worker_id=self.worker_id, **numbers),
                                    retry_for=retry_for)
 
     async def wait_ready(self, min_workers: int, *, timeout: float,

@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any
 
-from worker.coordinator_client import REQUEST_TIMEOUT_S, CoordinatorClient, Generation
-from worker.heartbeat import HeartbeatTask
+from worker.membership.client import REQUEST_TIMEOUT_S, CoordinatorClient, Generation
+from worker.membership.heartbeat import HeartbeatTask
 
 log = logging.getLogger(__name__)
 

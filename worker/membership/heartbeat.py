@@ -8,7 +8,7 @@ import logging
 import random
 from typing import Any
 
-from worker.coordinator_client import CoordinatorClient
+from worker.membership.client import CoordinatorClient
 
 log = logging.getLogger(__name__)
 

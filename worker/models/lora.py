@@ -33,10 +33,17 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraSettings:
+        """From a manifest's or TOML's dict (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
 
 def default_targets(model: nn.Module) -> list[str]:
     """peft's default LoRA target modules for ``model``'s architecture."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
+    from peft.utils.constants import (  # lazy: peft
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS,
+    )
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in TARGETS:
@@ -46,7 +53,7 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _task_type(model: nn.Module):
-    from peft import TaskType
+    from peft import TaskType  # lazy: peft
 
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
@@ -58,7 +65,7 @@ def _task_type(model: nn.Module):
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """``model`` wrapped by ``peft.get_peft_model``; adapters initialised from ``settings.seed``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft
 
     targets = list(settings.target_modules) if settings.target_modules else default_targets(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -4,12 +4,12 @@ rebuilt from its buddy instead of rolling back to the last checkpoint (``--buddy
 [Note: buddy replicas]
 A *snapshot* is what a rank's checkpoint rank file would hold at step count n (the owned fp32
 master slices, the frozen slices unless LoRA, the optimizer state, the RNG state), packed into
-one flat uint8 tensor. After step n (in ``Trainer.run``, once its eval is done) rank r packs
+one flat uint8 tensor. After step n (the trainer calls ``after_step`` once its eval is done) rank r packs
 its snapshot, keeps it, and *shifts* it to rank (r+1) % N, receiving rank r-1's in turn: the
 *buddy copy*. The shift overlaps the next step's forward and backward; that step *settles* it
 (waits for it) just before its optimizer update, so an update never overwrites a state whose
 replica has not landed. On a lost generation every survivor writes what it holds
-(worker/rescue.py) and the next generation publishes it as a normal ``step_<n>`` checkpoint.
+(rescue.py) and the next generation publishes it as a normal ``step_<n>`` checkpoint.
 
 Held per rank: its newest settled snapshot and the buddy copy of rank r-1 (two snapshot-sized
 buffers); while a shift is in flight also the new snapshot and the incoming copy (four). A
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from communication.codec import as_bytes
-from communication.collectives import Key, Phase, result
-from worker.checkpoint import optimizer_meta, rank_tensors
+from communication.collectives import Collectives, Key, Phase, result
+from worker.state.checkpoint import Checkpointed, rank_tensors
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +46,26 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class TrainerMark:
-    """The small trainer state that goes with an own snapshot, for a rescued manifest."""
+class Mark:
+    """The small replicated state that goes with an own snapshot, for a rescued manifest."""
 
-    step: int
-    history_len: int
-    eval_len: int
+    progress: dict  # TrainState.state_dict() at the snapshot's step
     scheduler: dict
-    optimizer: dict  # checkpoint.optimizer_meta: class, param groups (lr), state keys
+    optimizer: dict  # ShardedState.optimizer_meta(): class, param groups (lr), state keys
 
 
 class Buddy:
     """Snapshots this rank's state after every step and keeps rank r-1's replica."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.engine = trainer.engine
-        self.coll = trainer.engine.coll
-        self.rank, self.world_size = trainer.rank, trainer.world_size
-        self.store_frozen = trainer.config.lora is None
-        self.timeout = self.engine.config.timeout
+    def __init__(self, states: Checkpointed, collectives: Collectives, *, timeout: float) -> None:
+        self.states = states
+        self.collectives = collectives
+        self.rank, self.world_size = collectives.rank, collectives.world_size
+        self.generation = states.shards.engine.generation
+        self.timeout = timeout
         self.layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         self.own: list[Snapshot] = []  # the settled one first, then the one in flight
-        self.marks: dict[int, TrainerMark] = {}
+        self.marks: dict[int, Mark] = {}
         self.held: Snapshot | None = None  # the settled buddy copy of rank r-1
         self.bytes_sent = 0
         self._pending: Future | None = None
@@ -81,10 +78,9 @@ class Buddy:
         return (self.rank - 1) % self.world_size
 
     def after_step(self) -> None:
-        """Pack this rank's state at the trainer's step count and start shifting it to r+1."""
+        """Pack this rank's state at the current step count and start shifting it to r+1."""
         self.settle()  # normally already done before this step's update
-        tr = self.trainer
-        tensors = rank_tensors(self.engine, tr.optimizer, store_frozen=self.store_frozen)
+        tensors = rank_tensors(self.states)
         self.layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
         parts = [as_bytes(t.contiguous()) for t in tensors.values()]
         size = sum(p.numel() for p in parts)
@@ -92,21 +88,20 @@ class Buddy:
         flat = torch.empty(size, dtype=torch.uint8) if spare is None or spare.numel() != size \
             else spare
         torch.cat(parts, out=flat)
-        snap = Snapshot(step=tr.step, rank=self.rank, flat=flat)
-        self.marks[tr.step] = TrainerMark(
-            step=tr.step, history_len=len(tr.history), eval_len=len(tr.eval_history),
-            scheduler=tr.scheduler.state_dict(), optimizer=optimizer_meta(self.engine, tr.optimizer))
-        key = Key(generation=self.engine.generation, step=tr.step, unit=0, micro_batch=0,
-                  phase=Phase.BUDDY)
-        self._pending, self._pending_key = self.coll.shift(key, flat), key
-        self.own.append(snap)
+        progress = self.states.progress.state_dict()
+        step = progress["step"]
+        self.marks[step] = Mark(progress=progress, scheduler=self.states.scheduler.state_dict(),
+                                optimizer=self.states.shards.optimizer_meta())
+        key = Key(generation=self.generation, phase=Phase.BUDDY_SHIFT, step=step)
+        self._pending, self._pending_key = self.collectives.shift(key, flat), key
+        self.own.append(Snapshot(step=step, rank=self.rank, flat=flat))
         self.bytes_sent += flat.numel()
 
     def settle(self) -> None:
         """Wait for the shift in flight; then drop the snapshots it supersedes."""
         if self._pending is None:
             return
-        received = result(self._pending, key=self._pending_key, rank=self.coll.rank,
+        received = result(self._pending, key=self._pending_key, rank=self.rank,
                           timeout=self.timeout)
         self._pending = None
         latest = self.own[-1]

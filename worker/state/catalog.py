@@ -1,4 +1,4 @@
-"""The files of a checkpoint directory: completeness checks, ranged reads, listing, retention.
+"""Which checkpoints exist: completeness checks, the newest, a listing, and retention.
 
 A ``step_<n>`` directory counts only when its ``manifest.json`` parses and every rank file it
 names exists with the recorded byte size; anything else (a ``.tmp`` directory left by a kill,
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from worker.state.files import remove_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +23,6 @@ LEFTOVER = re.compile(r"step_(\d+)\.(tmp|replaced|deleting)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, inconsistent, or does not fit the model it is loaded into."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON to ``<path>.tmp``, fsync, rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if hasattr(value, "value"):  # enums (peft's TaskType)
-        return value.value
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -80,61 +48,6 @@ def read_manifest(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: rank file {name} has {actual} bytes, manifest "
                                   f"expects {size}; the checkpoint is incomplete")
     return manifest
-
-
-class RankFiles:
-    """Ranged reads of one region from the rank files that hold it (only the bytes needed)."""
-
-    def __init__(self, path: Path, world_size: int):
-        self.dir = path
-        self.world_size = world_size
-        self._stack = ExitStack()
-        self._open: dict[int, object] = {}
-
-    def __enter__(self) -> RankFiles:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def path(self, rank: int) -> str:
-        return str(self.dir / f"rank_{rank}.safetensors")
-
-    def _handle(self, rank: int):
-        if rank not in self._open:
-            self._open[rank] = self._stack.enter_context(safe_open(self.path(rank), "pt"))
-        return self._open[rank]
-
-    def _slice(self, rank: int, name: str, shard: int):
-        fh = self._handle(rank)
-        if name not in fh.keys():
-            raise CheckpointError(f"{self.path(rank)}: no tensor {name!r}")
-        sl = fh.get_slice(name)
-        if list(sl.get_shape()) != [shard]:
-            raise CheckpointError(f"{self.path(rank)}: {name!r} has shape {sl.get_shape()}, "
-                                  f"expected [{shard}] (saved world size {self.world_size})")
-        return sl
-
-    def read(self, name: str, shard: int, start: int, stop: int, numel: int,
-             dtype: torch.dtype) -> torch.Tensor:
-        """Elements ``[start, stop)`` of a region of ``numel`` real elements saved as shards of
-        ``shard``; elements past ``numel`` (padding) are zero."""
-        out = torch.zeros(stop - start, dtype=dtype)
-        pos, end = start, min(stop, numel)
-        while pos < end:
-            rank = pos // shard
-            upto = min(end, (rank + 1) * shard)
-            piece = self._slice(rank, name, shard)[pos - rank * shard : upto - rank * shard]
-            out[pos - start : upto - start].copy_(piece)
-            pos = upto
-        return out
-
-    def scalar(self, name: str) -> torch.Tensor:
-        """A value every rank saved alike (the optimizer's step count): rank 0's copy."""
-        fh = self._handle(0)
-        if name not in fh.keys():
-            raise CheckpointError(f"{self.path(0)}: no tensor {name!r}")
-        return fh.get_tensor(name)
 
 
 # --- listing and retention ----------------------------------------------------------------
@@ -194,17 +107,10 @@ def prune_checkpoints(root: str | Path, *, keep_last: int, keep_best: bool = Tru
         keep.add(min(scored)[1])
     for step, d, _ in found:
         if step not in keep:
-            _remove(d, root / f"step_{step}.deleting")
+            remove_dir(d, root / f"step_{step}.deleting")
+            log.info("pruned checkpoint %s", d)
     newest = found[-1][0] if found else -1
     for d in root.iterdir() if root.is_dir() else ():
         m = LEFTOVER.fullmatch(d.name)
         if m and int(m.group(1)) <= newest:
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _remove(d: Path, aside: Path) -> None:
-    """Rename first so a half-deleted directory is never mistaken for a checkpoint."""
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(d, aside)
-    shutil.rmtree(aside)
-    log.info("pruned checkpoint %s", d)

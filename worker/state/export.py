@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from worker.checkpoint_files import CheckpointError, RankFiles, read_manifest
-from worker.sharding import FlatLayout
+from worker.engine.sharding import FlatLayout
+from worker.models.lora import LoraSettings, apply_lora
+from worker.state.catalog import CheckpointError, read_manifest
+from worker.state.rank_files import RankFiles
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +57,18 @@ def iter_unit_weights(checkpoint: Path, manifest: dict, layouts: list[FlatLayout
     n = manifest["world_size"]
     frozen_stored = manifest["frozen_stored"]
     dtype = getattr(torch, manifest["compute_dtype"])
-    with RankFiles(checkpoint, n) as files:
+    with RankFiles(checkpoint, n) as rank_files:
         for layout in layouts:
-            st, sf = layout.shard_sizes(n)
+            trainable_n, frozen_n = layout.shard_sizes(n)
             i = layout.unit
-            train = files.read(f"u{i}.master", st, 0, layout.trainable_numel,
+            train = rank_files.read(f"u{i}.master", trainable_n, 0, layout.trainable_numel,
                                layout.trainable_numel, torch.float32)
             frozen = None
             if not trainable_only and layout.frozen_numel:
                 if not frozen_stored:
                     raise CheckpointError(f"{checkpoint}: unit {i} has frozen parameters that "
                                           "this (LoRA) checkpoint does not store")
-                frozen = files.read(f"u{i}.frozen", sf, 0, layout.frozen_numel,
+                frozen = rank_files.read(f"u{i}.frozen", frozen_n, 0, layout.frozen_numel,
                                     layout.frozen_numel, dtype)
             weights = {}
             for slot in layout.slots:
@@ -82,7 +84,7 @@ def iter_unit_weights(checkpoint: Path, manifest: dict, layouts: list[FlatLayout
 
 def _skeleton(manifest: dict):
     """The model rebuilt on the meta device from the manifest's HF config (and LoRA settings)."""
-    import transformers
+    import transformers  # lazy: costs seconds, and the class is named by the manifest
 
     meta = manifest["model"]
     hf = dict(meta["hf_config"])
@@ -91,10 +93,7 @@ def _skeleton(manifest: dict):
     with torch.device("meta"):
         model = getattr(transformers, meta["class"])(config)
         if meta.get("lora"):
-            from worker.config import TrainConfig
-            from worker.lora import apply_lora
-
-            model = apply_lora(model, TrainConfig.from_dict(manifest["config"]).lora)
+            model = apply_lora(model, LoraSettings.from_dict(manifest["config"]["lora"]))
     return config, model
 
 

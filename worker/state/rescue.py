@@ -24,26 +24,22 @@ import os
 import shutil
 from pathlib import Path
 
-from communication.collectives import Phase
-from worker.checkpoint import TrainerState, barrier, build_manifest, publish, write_rank_file
-from worker.checkpoint_files import (
-    STEP_DIR,
-    CheckpointError,
-    latest_checkpoint,
-    write_json_atomic,
-)
+from communication.collectives import Collectives, Key, Phase
+from worker.state.buddy import Buddy
+from worker.state.catalog import STEP_DIR, CheckpointError, latest_checkpoint
+from worker.state.checkpoint import build_manifest, sync_ranks
+from worker.state.files import publish, write_json_atomic, write_rank_file
 
 log = logging.getLogger(__name__)
 
 RESCUE = "rescue"
 
 
-def write_rescue(buddy, root: str | Path) -> list[Path]:
+def write_rescue(buddy: Buddy, root: str | Path) -> list[Path]:
     """On a survivor: write every snapshot this rank holds; returns the files. Never raises:
     a rescue that cannot be written leaves the run to its last checkpoint."""
     own, held = buddy.rescuable()
-    tr, engine = buddy.trainer, buddy.engine
-    base = Path(root) / RESCUE / f"g{engine.generation}" / f"r{buddy.rank}"
+    base = Path(root) / RESCUE / f"g{buddy.generation}" / f"r{buddy.rank}"
     written = []
     try:
         for snap in own + held:
@@ -54,36 +50,37 @@ def write_rescue(buddy, root: str | Path) -> list[Path]:
             written.append(path)
         for snap in own:
             mark = buddy.marks[snap.step]
-            state = TrainerState(step=mark.step, history=tr.history[:mark.history_len],
-                                 eval_history=tr.eval_history[:mark.eval_len], data=tr.data,
-                                 scheduler=mark.scheduler, optimizer=mark.optimizer)
-            manifest = build_manifest(engine, state, tr.config, world_size=buddy.world_size,
-                                      files={}, store_frozen=buddy.store_frozen,
-                                      extra={"rescued": {"generation": engine.generation}})
+            shards = {**buddy.states.shards.meta(), "optimizer": mark.optimizer}
+            manifest = build_manifest(progress=mark.progress, scheduler=mark.scheduler,
+                                      shards=shards, config=buddy.states.config,
+                                      world_size=buddy.world_size, rank_files={},
+                                      extra={"rescued": {"generation": buddy.generation}})
             write_json_atomic(base / f"step_{snap.step}" / "manifest.json", manifest)
     except (OSError, ValueError, CheckpointError) as exc:
         log.error("rank %d: could not write the rescue under %s: %s", buddy.rank, base, exc)
         return written
     log.warning("rank %d of generation %d: rescue written: own step(s) %s, buddy copy of rank "
-                "%d at step(s) %s", buddy.rank, engine.generation, [s.step for s in own],
+                "%d at step(s) %s", buddy.rank, buddy.generation, [s.step for s in own],
                 buddy.source, [s.step for s in held])
     return written
 
 
-def publish_rescue(root: str | Path, collectives, *, generation: int, rank: int,
+def publish_rescue(root: str | Path, collectives: Collectives, *, generation: int, rank: int,
                    timeout: float) -> Path | None:
     """Every member of a new generation calls this before resuming; rank 0 publishes the
     newest complete rescue (see the note). Returns the published checkpoint on rank 0."""
-    barrier(collectives, generation=generation, step=-1, which=0, timeout=timeout,
-            phase=Phase.BUDDY)
+    def barrier(index: int) -> None:
+        key = Key(generation=generation, phase=Phase.RESCUE_BARRIER, index=index)
+        sync_ranks(collectives, key, timeout=timeout)
+
+    barrier(0)
     published = None
     if rank == 0:
         try:
             published = _assemble(Path(root))
         except (OSError, ValueError, KeyError, CheckpointError) as exc:
             log.error("rescue under %s not published: %s", root, exc)
-    barrier(collectives, generation=generation, step=-1, which=1, timeout=timeout,
-            phase=Phase.BUDDY)
+    barrier(1)
     return published
 
 

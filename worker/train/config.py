@@ -1,22 +1,17 @@
-"""The whole training configuration: one dataclass per concern, loadable from TOML."""
+"""The whole training configuration: one dataclass per concern, built from a nested dict
+(flags and TOML, worker/cli/options.py) with unknown keys refused by name."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from worker.data import DataConfig
-from worker.models import LoraSettings, ModelConfig
-from worker.optim import OptimConfig
+from worker.data.config import DataConfig
+from worker.models.config import ModelConfig
+from worker.models.dtypes import PRECISIONS
+from worker.models.lora import LoraSettings
+from worker.train.optim import OptimConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-PRECISIONS = ("no", "bf16", "fp16")
 BACKENDS = ("grpc", "torch")
 
 
@@ -44,7 +39,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_last: int = 2
     resume: bool = True  # load the latest complete checkpoint in checkpoint_dir, if any
-    buddy: bool = False  # replicate owned state on rank r+1 after every step (worker/buddy.py)
+    buddy: bool = False  # replicate owned state on rank r+1 after every step (state/buddy.py)
     prefetch: bool = True  # gather the next unit while this one computes (two units alive)
 
     def __post_init__(self) -> None:
@@ -55,7 +50,8 @@ class TrainConfig:
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of {PRECISIONS}")
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of "
+                             f"{tuple(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.buddy and not (self.checkpoint_dir and self.resume):
@@ -91,9 +87,3 @@ def _build(kind, values: dict, section: str):
         raise ValueError(f"unknown option(s) in [{section}]: {unknown}; known: {sorted(names)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return kind(**values)
-
-
-def load_toml(path: str | Path) -> dict:
-    """Read a TOML file of options: top-level keys for training, tables [model] [data] [optim] [lora]."""
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)

@@ -52,7 +52,7 @@ def build_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
     """Constant, linear or cosine decay after a linear warm-up (transformers' definitions)."""
-    from transformers import get_scheduler  # imported here: it costs seconds; the CLI needs none
+    from transformers import get_scheduler  # lazy: transformers
 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps,

@@ -7,36 +7,24 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from worker.config import TrainConfig
-from worker.faults import Fault, maybe_die
-from worker.optim import build_optimizer, build_scheduler
-from worker.zero3 import Zero3Engine
+from worker.engine.progress import Activity
+from worker.engine.zero3 import Zero3Engine
+from worker.state.buddy import Buddy
+from worker.state.catalog import latest_checkpoint, prune_checkpoints
+from worker.state.checkpoint import Checkpointed, load_checkpoint, save_checkpoint
+from worker.state.shards import ShardedState
+from worker.train.config import TrainConfig
+from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.state import StepStats, TrainState
 
 log = logging.getLogger(__name__)
 
 FP16_LOSS_SCALE = 1024.0  # static scale: a step whose global grad norm is not finite is skipped
-
-
-@dataclass(slots=True, kw_only=True)
-class StepStats:
-    """What one optimizer step did, as logged and sent to the coordinator."""
-
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens: int
-    seconds: float
-    tokens_per_s: float
-    peak_mem_mb: float
-    skipped: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def rank_micro_batch(data, config: TrainConfig, *, step: int, micro: int, rank: int,
@@ -57,11 +45,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """Drives a Zero3Engine through ``config.steps`` optimizer steps on this rank's data."""
+    """Drives a Zero3Engine through ``config.steps`` optimizer steps on this rank's data.
+
+    Its progress is a ``TrainState``; what a checkpoint or a buddy replica holds is
+    ``self.states`` (shards, progress, schedule), handed to worker/state/ whole."""
 
     def __init__(self, config: TrainConfig, *, engine: Zero3Engine, data, rank: int,
-                 world_size: int, on_step: Callable[[StepStats], None] | None = None,
-                 on_eval: Callable[[int, float], None] | None = None):
+                 world_size: int, on_step: Callable[[StepStats], None] | None = None):
         config.check_world_size(world_size)
         self.config = config
         self.engine = engine
@@ -72,16 +62,34 @@ class Trainer:
         self.optimizer = build_optimizer(engine.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.on_step = on_step
-        self.on_eval = on_eval
-        self.step = 0
-        self.history: list[StepStats] = []
-        self.eval_history: list[tuple[int, float]] = []
+        self.state = TrainState(rows_per_step=config.grad_accum * config.micro_batch_rows,
+                                num_train_rows=getattr(data, "num_train_rows", None),
+                                data_fingerprint=getattr(data, "fingerprint", None),
+                                device=self.device)
+        self.states = Checkpointed(
+            shards=ShardedState(engine, self.optimizer, store_frozen=config.lora is None,
+                                source=config.model.name),
+            progress=self.state, scheduler=self.scheduler, config=config.to_dict())
         self.loss_scale = FP16_LOSS_SCALE if config.mixed_precision == "fp16" else 1.0
-        self.buddy = None
-        if config.buddy and world_size > 1:
-            from worker.buddy import Buddy
+        self.buddy = (Buddy(self.states, engine.collectives, timeout=engine.config.timeout)
+                      if config.buddy and world_size > 1 else None)
 
-            self.buddy = Buddy(self)
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (the state's)."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def history(self) -> list[StepStats]:
+        return self.state.history
+
+    @property
+    def eval_history(self) -> list[tuple[int, float]]:
+        return self.state.eval_history
 
     def train_step(self) -> StepStats:
         """One optimizer step: grad_accum micro-batches, global clip, step on owned slices."""
@@ -100,7 +108,7 @@ class Trainer:
             for p in self.engine.parameters():
                 if p.grad is not None:
                     p.grad.div_(self.loss_scale)
-        norm, stats = self.engine.clip_grad_norm(cfg.optim.max_grad_norm,
+        norm, summed = self.engine.clip_grad_norm(cfg.optim.max_grad_norm,
                                                  extra=torch.cat([loss_sum, torch.tensor([tokens])]))
         skipped = not torch.isfinite(torch.tensor(norm)).item()
         if self.buddy:
@@ -109,20 +117,20 @@ class Trainer:
         if skipped:
             log.warning("step %d: gradient norm %s is not finite; skipping the update", self.step, norm)
         else:
-            maybe_die(Fault.OPTIMIZER, step=self.step, rank=self.rank)
+            self.engine.publish(Activity.OPTIMIZER)
             self.optimizer.step()
             self.scheduler.step()  # a skipped step does not advance the schedule (as HF does)
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.end_step()
         seconds = time.perf_counter() - t0
-        global_tokens = int(stats[1])
-        st = StepStats(step=self.step, loss=float(stats[0]) / self.world_size, lr=lr,
-                       grad_norm=norm, tokens=global_tokens, seconds=seconds,
-                       tokens_per_s=global_tokens / seconds if seconds > 0 else 0.0,
-                       peak_mem_mb=peak_memory_mb(self.device), skipped=skipped)
+        global_tokens = int(summed[1])
+        done = StepStats(step=self.step, loss=float(summed[0]) / self.world_size, lr=lr,
+                         grad_norm=norm, tokens=global_tokens, seconds=seconds,
+                         tokens_per_s=global_tokens / seconds if seconds > 0 else 0.0,
+                         peak_mem_mb=peak_memory_mb(self.device), skipped=skipped)
         self.step += 1
-        self.history.append(st)
-        return st
+        self.history.append(done)
+        return done
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -137,26 +145,22 @@ class Trainer:
         total = self.engine.all_reduce_sum(total)
         value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         self.eval_history.append((self.step, value))
-        if self.on_eval:
-            self.on_eval(self.step, value)
         return value
 
     def run(self, progress: bool = False) -> list[StepStats]:
         """Train until ``config.steps``; eval every ``eval_every`` steps and at the end."""
-        from tqdm import tqdm
-
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress,
                    desc=f"rank {self.rank}", dynamic_ncols=True)
         while self.step < self.config.steps:
-            st = self.train_step()
+            done = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{st.loss:.4f}", lr=f"{st.lr:.2e}")
+            bar.set_postfix(loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}")
             if self.step % max(self.config.log_every, 1) == 0:
                 log.log(logging.INFO if self.rank == 0 else logging.DEBUG,
                         "step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f peak_mem %.0f MB",
-                         st.step, st.loss, st.lr, st.grad_norm, st.tokens_per_s, st.peak_mem_mb)
+                         done.step, done.loss, done.lr, done.grad_norm, done.tokens_per_s, done.peak_mem_mb)
             if self.on_step:
-                self.on_step(st)
+                self.on_step(done)
             last = self.step == self.config.steps
             if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
                 log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "step %d eval loss %.4f",
@@ -177,28 +181,23 @@ class Trainer:
         every = cfg.checkpoint_every
         return self.step == cfg.steps or (every > 0 and self.step % every == 0)
 
-    def save_checkpoint(self):
+    def save_checkpoint(self) -> Path:
         """Every rank writes its slices; rank 0 publishes the step and prunes old ones."""
-        from worker.checkpoint import prune_checkpoints, save_checkpoint
-
         cfg = self.config
-        path = save_checkpoint(cfg.checkpoint_dir, engine=self.engine, trainer=self, config=cfg,
-                               rank=self.rank, world_size=self.world_size,
-                               collectives=self.engine.coll)
+        path = save_checkpoint(cfg.checkpoint_dir, self.states, rank=self.rank,
+                               world_size=self.world_size, collectives=self.engine.collectives,
+                               observers=self.engine.observers)
         if self.rank == 0:
             prune_checkpoints(cfg.checkpoint_dir, keep_last=cfg.keep_last)
         return path
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint in ``checkpoint_dir`` (any world size), if any."""
-        from worker.checkpoint import latest_checkpoint, load_checkpoint
-
         cfg = self.config
         if not (cfg.checkpoint_dir and cfg.resume):
             return False
         path = latest_checkpoint(cfg.checkpoint_dir)
         if path is None:
             return False
-        load_checkpoint(path, engine=self.engine, trainer=self, rank=self.rank,
-                        world_size=self.world_size)
+        load_checkpoint(path, self.states, rank=self.rank, world_size=self.world_size)
         return True

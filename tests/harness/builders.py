@@ -1,0 +1,12 @@
+"""What tests assemble by hand from the worker's parts: data and model in one process."""
+
+from __future__ import annotations
+
+from worker.main import build_data, build_trainable_model
+from worker.train.config import TrainConfig
+
+
+def build_data_and_model(train: TrainConfig):
+    """Both, for a single process (the reference run, tests)."""
+    data = build_data(train)
+    return data, build_trainable_model(train, data)
