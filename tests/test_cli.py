@@ -109,3 +109,35 @@ def test_launch_workers_streams_rank_prefixed_output(tmp_path):
     for name in ("coordinator", "w0", "w1"):
         assert f"[{name}] " in res.stdout, f"no output prefixed [{name}]"
     assert len(json.loads((tmp_path / "result.json").read_text())["losses"]) == 2
+
+
+@pytest.mark.parametrize("address", ["nohost", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:99999"])
+def test_bad_advertise_address_is_named(address):
+    res = zerop2p("worker", "--coordinator", "http://127.0.0.1:9", "--advertise", address,
+                  timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"advertise address {address!r}" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_worker_registers_the_advertised_address_not_the_bound_one(url):
+    """Behind a proxy or NAT peers must dial the advertised HOST:PORT; the coordinator (and so
+    every generation) carries that address."""
+    import httpx
+    from coordinator_helpers import TOKEN
+
+    from worker.cluster.launcher import kill_all, spawn, worker_argv
+
+    argv = worker_argv(url, worker_id="adv", min_workers=2, token=TOKEN,
+                       extra=["--advertise", "127.0.0.9:41234", *SMALL])
+    child, _ = spawn("adv", argv, echo=False)
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(headers=headers, timeout=10) as http:
+            ready = http.get(f"{url}/training/ready",
+                             params={"min_workers": 1, "worker_id": "adv", "wait": 60}).json()
+        assert ready["ready"], ready
+        assert [(w["worker_id"], w["ip_address"], w["port"]) for w in ready["workers"]] == [
+            ("adv", "127.0.0.9", 41234)]
+    finally:
+        kill_all([child])

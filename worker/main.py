@@ -54,12 +54,29 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # the address peers use to reach this worker
     bind_host: str = "127.0.0.1"
     port: int = 0
+    # HOST:PORT peers should dial instead of host and the bound port (NAT, port forwarding,
+    # a proxy in front of the peer server)
+    advertise: str | None = None
     min_workers: int = 2
     join_timeout: float = 120.0
     heartbeat_interval: float = 2.0
     output: str | None = None  # rank 0 writes final weights and a result JSON here
     max_recoveries: int = 3  # generations this worker may rejoin after losing a peer
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.advertise is not None:
+            parse_address(self.advertise)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) split; ValueError naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"advertise address {address!r} is not HOST:PORT with a port in "
+                         "1..65535")
+    return host, int(port)
 
 
 def build_collectives(cfg: WorkerConfig, generation: Generation,
@@ -181,8 +198,13 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
         port = transport.port
     else:
         port = cfg.port or free_port(cfg.bind_host)
+    host = cfg.host
+    if cfg.advertise is not None:
+        host, port = parse_address(cfg.advertise)
+        log.info("%s serves on %s:%d and advertises %s:%d", cfg.worker_id, cfg.bind_host,
+                 transport.port if transport else cfg.port, host, port)
     membership = Membership(cfg.coordinator, token=cfg.token, worker_id=cfg.worker_id,
-                            ip_address=cfg.host, port=port, device=cfg.train.device,
+                            ip_address=host, port=port, device=cfg.train.device,
                             heartbeat_interval=cfg.heartbeat_interval,
                             cpu_cores=os.cpu_count() or 1)
     try:

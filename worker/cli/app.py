@@ -47,6 +47,8 @@ def worker(
     host: str = typer.Option("127.0.0.1", help="address peers use to reach this worker"),
     bind_host: str = typer.Option(None, help="address to bind the peer server (default: --host)"),
     port: int = typer.Option(0, help="peer port (0: a free one)"),
+    advertise: str = typer.Option(None, help="HOST:PORT peers should dial instead of --host "
+                                  "and the bound port (NAT, port forwarding, a proxy)"),
     min_workers: int = typer.Option(2, help="workers the barrier waits for"),
     join_timeout: float = typer.Option(300.0, help="seconds to wait at the barrier"),
     output: str = typer.Option(None, help="rank 0 writes final weights and result.json here"),
@@ -65,11 +67,15 @@ def worker(
         train = build_train_config(list(ctx.args))
     except (ValueError, TypeError, OSError) as err:
         _fail(str(err))
-    cfg = WorkerConfig(coordinator=coordinator, token=token, host=host,
-                       bind_host=bind_host or host, port=port, min_workers=min_workers,
-                       join_timeout=join_timeout, output=output, train=train,
-                       max_recoveries=max_recoveries, heartbeat_interval=heartbeat_interval,
-                       **({"worker_id": worker_id} if worker_id else {}))
+    try:
+        cfg = WorkerConfig(coordinator=coordinator, token=token, host=host,
+                           bind_host=bind_host or host, port=port, advertise=advertise,
+                           min_workers=min_workers, join_timeout=join_timeout, output=output,
+                           train=train, max_recoveries=max_recoveries,
+                           heartbeat_interval=heartbeat_interval,
+                           **({"worker_id": worker_id} if worker_id else {}))
+    except ValueError as err:
+        _fail(str(err))
     observers = (ctx.obj or {}).get("observers", ()) if isinstance(ctx.obj, dict) else ()
     raise typer.Exit(run_worker(cfg, observers=observers))
 
