@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
                   redoc_url=None)
     app.state.settings = settings
     app.state.coordinator = coordinator
-    app.state.barrier = Barrier(coordinator)
+    app.state.barrier = Barrier(coordinator, max_wait=settings.max_wait)
     app.state.registry = make_registry(coordinator)
     for module in (workers, training, telemetry, ops):
         app.include_router(module.router)

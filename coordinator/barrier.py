@@ -9,6 +9,11 @@ call that finds ``min_workers`` alive workers freezes them into generation+1.
 Numbers never go back: they persist in SQLite, and a new generation is also numbered above
 every ``after`` a worker has sent, so even a coordinator restarted on ``:memory:`` never
 reuses a number that messages in flight may still carry.
+
+Numbers never pass ``MAX_GENERATION`` (2**53 - 1) either: forming one beyond is refused (409),
+never wrapped. So that no caller can spend the numbers with one ``after``, an ``after`` lifts
+the floor to ``FLOOR_CAP`` (2**52) at most; reaching the limit from there takes 2**52 more
+generations.
 """
 
 from __future__ import annotations
@@ -17,18 +22,22 @@ import asyncio
 import logging
 
 from coordinator.config import MAX_WAIT_S
+from coordinator.fields import MAX_GENERATION
 from coordinator.models import PeerOut, ReadyResponse
 from coordinator.service import Coordinator
 from coordinator.store import GenerationRow
 
 log = logging.getLogger(__name__)
 
+FLOOR_CAP = (MAX_GENERATION + 1) // 2  # the highest floor an ``after`` can set
+
 
 class Barrier:
     """Answers ``GET /training/ready``; waiters sleep on the coordinator's change event."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, *, max_wait: float = MAX_WAIT_S) -> None:
         self.coordinator = coordinator
+        self.max_wait = max_wait
         self._abandoned: dict[int, set[str]] = {}  # generation -> members that asked for newer
         self._floor = 0  # the highest generation any worker has told us it saw
 
@@ -36,7 +45,7 @@ class Barrier:
                     after: int | None = None) -> ReadyResponse:
         """Evaluate the barrier now and, until it is met or ``wait`` expires, at every change."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max(wait, 0.0), MAX_WAIT_S)
+        deadline = loop.time() + min(max(wait, 0.0), self.max_wait)
         while True:
             changed = self.coordinator.changed()
             answer = self._evaluate(min_workers, worker_id, after)
@@ -51,7 +60,7 @@ class Barrier:
     def _evaluate(self, min_workers: int, worker_id: str | None,
                   after: int | None) -> ReadyResponse:
         coord = self.coordinator
-        self._floor = max(self._floor, after or 0)
+        self._floor = max(self._floor, min(after or 0, FLOOR_CAP))
         gen = coord.store.current_generation()
         if gen is not None and after is not None and gen.generation <= after:
             gen = self._abandon(gen, worker_id)

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     db: str = "zerop2p.db"
     token: str | None = None
     heartbeat_timeout: float = Field(default=30.0, gt=0)
+    max_wait: float = Field(default=MAX_WAIT_S, gt=0, le=MAX_WAIT_S)  # a long-poll's cap (s)
     log_level: str = "info"
 
 

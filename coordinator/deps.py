@@ -1,15 +1,17 @@
-"""Dependency aliases the routes share: the app's coordinator, barrier and registry."""
+"""Dependency aliases the routes share: the app's coordinator, barrier and registry; the
+worker-id parameters; the bearer scheme."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Path, Query, Request
+from fastapi import Depends, Path, Query, Request, Security
+from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator
 
 from coordinator.barrier import Barrier
-from coordinator.models import WORKER_ID_PATTERN
+from coordinator.fields import WORKER_ID_PATTERN
 from coordinator.service import Coordinator
 
 
@@ -33,3 +35,6 @@ WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN, max_length=128)]
 # routes see None for both.
 WorkerIdQuery = Annotated[str | None, Query(pattern=f"^$|{WORKER_ID_PATTERN}", max_length=128),
                           AfterValidator(lambda v: v or None)]
+# The door (coordinator.guard) checks the token; this only publishes the scheme in the OpenAPI
+# schema, so clients and fuzzers know every route but /healthz takes a bearer token.
+BEARER = [Security(HTTPBearer(auto_error=False, description="the coordinator's --token"))]

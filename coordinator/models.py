@@ -1,97 +1,110 @@
-"""Request and response schemas: the coordinator's HTTP contract, validated at the door."""
+"""Request and response schemas: the coordinator's HTTP contract, validated at the door.
+
+The value types and their bounds are ``coordinator.fields``; error bodies are
+``coordinator.responses``.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Literal
+import re
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# 1..128 characters, none of them a control character (no newlines smuggled into logs).
-WORKER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,128}$"
-WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN, max_length=128)]
-ShortText = Annotated[str, StringConstraints(max_length=256)]
-Scalar = str | int | float | bool | None
-MAX_EXTRA_FIELDS = 32
+from coordinator.fields import (
+    MAX_BANDWIDTH_MBPS,
+    MAX_RAM_GB,
+    NAME_PATTERN,
+    CpuCores,
+    ExtraNumber,
+    ExtraScalar,
+    Host,
+    Metric,
+    Port,
+    Rate,
+    ShortText,
+    Step,
+    WorkerId,
+)
+
+MAX_FIELDS = 40  # properties in one request body, declared and extra together
 
 WorkerStatus = Literal["alive", "dead", "left"]
+Scalar = str | int | float | bool | None
+_NAME = re.compile(NAME_PATTERN)
+# Published with each body that takes extra fields: how many, and how they may be named.
+_EXTRAS_SCHEMA = {"maxProperties": MAX_FIELDS, "propertyNames": {"pattern": NAME_PATTERN}}
 
 
-def _finite(value: Scalar) -> Scalar:
-    """NaN and infinities become None: JSON cannot carry them and a NaN loss must not 500."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _check_extras(model: BaseModel, *, numeric: bool) -> None:
-    """Extra fields must be few, short-named scalars (numbers only when ``numeric``)."""
+def _check_extras(model: BaseModel) -> None:
+    """Extra fields must be few and plainly named (their values are typed by
+    ``__pydantic_extra__``)."""
     extra = model.model_extra or {}
-    if len(extra) > MAX_EXTRA_FIELDS:
-        raise ValueError(f"at most {MAX_EXTRA_FIELDS} extra fields, got {len(extra)}")
-    for name, value in extra.items():
-        if len(name) > 64 or not name.isprintable():
-            raise ValueError(f"field name {name[:64]!r} is not a short printable name")
-        if numeric:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"field {name!r} must be a number, got {type(value).__name__}")
-        elif not isinstance(value, Scalar) or (isinstance(value, str) and len(value) > 256):
-            raise ValueError(f"field {name!r} must be a number, boolean or short string")
-        extra[name] = _finite(value)
+    count = len(model.model_fields_set | set(extra))
+    if count > MAX_FIELDS:
+        raise ValueError(f"at most {MAX_FIELDS} fields, got {count}")
+    for name in extra:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"field name {name[:64]!r} is not a short plain-text name")
 
 
 class RegisterRequest(BaseModel):
     """A worker announcing itself: its id, the address of its gRPC server, its capacity."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_EXTRAS_SCHEMA)
+    __pydantic_extra__: dict[str, ExtraScalar] = Field(init=False)
 
     worker_id: WorkerId
-    ip_address: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    port: int = Field(ge=1, le=65535)
+    ip_address: Host
+    port: Port
     device: ShortText | None = None
     gpu_info: ShortText | None = None
     gpu_name: ShortText | None = None
-    cpu_cores: int | None = Field(default=None, ge=0)
-    ram_gb: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    bandwidth_mbps: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cpu_cores: CpuCores | None = None
+    ram_gb: Rate = Field(default=None, le=MAX_RAM_GB)
+    bandwidth_mbps: Rate = Field(default=None, le=MAX_BANDWIDTH_MBPS)
 
     @model_validator(mode="after")
     def _extras(self) -> RegisterRequest:
-        _check_extras(self, numeric=False)
+        _check_extras(self)
         return self
 
 
 class HeartbeatRequest(BaseModel):
     """A heartbeat, optionally with the worker's latest status."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_EXTRAS_SCHEMA)
+    __pydantic_extra__: dict[str, ExtraScalar] = Field(init=False)
 
     phase: ShortText | None = None
-    step: int | None = Field(default=None, ge=0)
-    loss: float | None = None
-    tokens_per_s: float | None = Field(default=None, ge=0)
+    step: Step | None = None
+    loss: Metric = None
+    tokens_per_s: Rate = None
 
     @model_validator(mode="after")
     def _extras(self) -> HeartbeatRequest:
-        _check_extras(self, numeric=False)
-        self.loss = _finite(self.loss)
-        self.tokens_per_s = _finite(self.tokens_per_s)
+        _check_extras(self)
         return self
 
 
 class TelemetryRequest(BaseModel):
     """One step's metrics from one worker: its id plus any numeric fields."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_EXTRAS_SCHEMA)
+    __pydantic_extra__: dict[str, ExtraNumber] = Field(init=False)
 
     worker_id: WorkerId
+    step: Step | None = None  # it moves the worker's step column, an SQLite INTEGER
 
     @model_validator(mode="after")
     def _extras(self) -> TelemetryRequest:
-        _check_extras(self, numeric=True)
+        _check_extras(self)
         return self
 
     def metrics(self) -> dict[str, float | int | None]:
         """The numeric fields (NaN/inf already turned into None)."""
-        return dict(self.model_extra or {})
+        step = {} if self.step is None else {"step": self.step}
+        return {**step, **(self.model_extra or {})}
 
 
 class WorkerOut(BaseModel):
@@ -134,12 +147,27 @@ class ReadyResponse(BaseModel):
     workers: list[PeerOut]
 
 
+class GenerationOut(BaseModel):
+    """``GET /training/generation``: the active generation (None when none is), the highest
+    number ever given, and the active one's members."""
+
+    generation: int | None
+    last_generation: int
+    workers: list[PeerOut]
+
+
 class TelemetryRow(BaseModel):
     """One stored telemetry row."""
 
     worker_id: str
     ts: float
     metrics: dict[str, float | int | None]
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    ok: bool
 
 
 class Message(BaseModel):

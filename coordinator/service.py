@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from coordinator.config import TELEMETRY_ROWS_PER_WORKER
+from coordinator.fields import MAX_GENERATION
 from coordinator.store import GenerationRow, Store, WorkerRow
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,13 @@ class Coordinator:
         alive = self.store.workers("alive")
         if len(alive) < min_workers:
             return None
-        gen = self.store.create_generation(alive, now=time.time(), at_least=at_least)
+        number = max(self.store.last_generation() + 1, at_least)
+        if number > MAX_GENERATION:  # refused, never wrapped: numbers must only rise
+            log.error("generation %d would pass the limit %d; refusing to form it", number,
+                      MAX_GENERATION)
+            raise Refusal(409, f"generation: {number} would pass the limit {MAX_GENERATION}; "
+                               f"the store {self.store.path} has spent its generation numbers")
+        gen = self.store.create_generation(alive, now=time.time(), at_least=number)
         log.info("generation %d formed: %s", gen.generation,
                  ", ".join(f"{m.rank}={m.worker_id}" for m in gen.members))
         self._notify()

@@ -5,22 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 
 from coordinator import metrics
-from coordinator.deps import RegistryDep
+from coordinator.deps import BEARER, RegistryDep
+from coordinator.models import Health
+from coordinator.responses import AUTHED, refusals
 
 router = APIRouter(tags=["ops"])
 DASHBOARD = Path(__file__).resolve().parent.parent / "static" / "index.html"
+PROMETHEUS_TEXT = {200: {"description": "Prometheus text exposition format 0.0.4",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
-@router.get("/healthz")
-async def healthz() -> dict:
+@router.get("/healthz", responses=refusals(413))
+async def healthz() -> Health:
     """Open liveness probe."""
-    return {"ok": True}
+    return Health(ok=True)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=BEARER, response_class=PlainTextResponse,
+            responses={**PROMETHEUS_TEXT, **refusals(*AUTHED, inline=True)})
 async def prometheus(registry: RegistryDep) -> Response:
     """Prometheus text exposition."""
     return Response(metrics.render(registry), media_type=metrics.CONTENT_TYPE)

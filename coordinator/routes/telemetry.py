@@ -6,20 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from coordinator.deps import CoordinatorDep, WorkerIdQuery
+from coordinator.deps import BEARER, CoordinatorDep, WorkerIdQuery
 from coordinator.models import Message, TelemetryRequest, TelemetryRow
+from coordinator.responses import AUTHED, WITH_BODY, refusals
 
-router = APIRouter(prefix="/telemetry", tags=["telemetry"])
+router = APIRouter(prefix="/telemetry", tags=["telemetry"], dependencies=BEARER)
 
 
-@router.post("")
+@router.post("", responses=refusals(*WITH_BODY, 404))
 async def report(body: TelemetryRequest, coord: CoordinatorDep) -> Message:
     """Store one row of numeric metrics for a registered worker."""
     coord.telemetry(body.worker_id, body.metrics())
     return Message(message="stored")
 
 
-@router.get("")
+@router.get("", responses=refusals(*AUTHED, 422))
 async def recent(coord: CoordinatorDep, worker_id: WorkerIdQuery = None,
            limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[TelemetryRow]:
     """The newest ``limit`` rows, oldest first, of one worker or of all."""

@@ -6,27 +6,32 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from coordinator.deps import BarrierDep, CoordinatorDep, WorkerIdQuery
-from coordinator.models import PeerOut, ReadyResponse
+from coordinator.config import MAX_WAIT_S
+from coordinator.deps import BEARER, BarrierDep, CoordinatorDep, WorkerIdQuery
+from coordinator.fields import MAX_GENERATION, MAX_WORKERS
+from coordinator.models import GenerationOut, PeerOut, ReadyResponse
+from coordinator.responses import AUTHED, refusals
 
-router = APIRouter(prefix="/training", tags=["training"])
+router = APIRouter(prefix="/training", tags=["training"], dependencies=BEARER)
 
 
-@router.get("/ready")
+@router.get("/ready", responses=refusals(*AUTHED, 409, 422))
 async def ready(barrier: BarrierDep,
-                min_workers: Annotated[int, Query(ge=1, le=100_000)],
-                wait: Annotated[float, Query(ge=0, le=3600)] = 0.0,
+                min_workers: Annotated[int, Query(ge=1, le=MAX_WORKERS)],
+                wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
                 worker_id: WorkerIdQuery = None,
-                after: Annotated[int | None, Query(ge=0)] = None) -> ReadyResponse:
+                after: Annotated[int | None, Query(ge=0, le=MAX_GENERATION)] = None,
+                ) -> ReadyResponse:
     """The barrier (see ``coordinator.barrier``). ``wait`` long-polls up to 60 s;
-    ``worker_id`` makes a non-member see ready false; ``after`` asks for a newer generation."""
+    ``worker_id`` makes a non-member see ready false; ``after`` asks for a newer generation.
+    409 if a generation is due but the numbers are spent (``MAX_GENERATION``)."""
     return await barrier.ready(min_workers, wait=wait, worker_id=worker_id, after=after)
 
 
-@router.get("/generation")
-async def generation(coord: CoordinatorDep) -> dict:
+@router.get("/generation", responses=refusals(*AUTHED))
+async def generation(coord: CoordinatorDep) -> GenerationOut:
     """The active generation and its members, without forming one (for dashboards)."""
     gen = coord.store.current_generation()
-    return {"generation": gen.generation if gen else None,
-            "last_generation": coord.store.last_generation(),
-            "workers": [PeerOut.model_validate(m) for m in gen.members] if gen else []}
+    return GenerationOut(generation=gen.generation if gen else None,
+                         last_generation=coord.store.last_generation(),
+                         workers=[PeerOut.model_validate(m) for m in gen.members] if gen else [])

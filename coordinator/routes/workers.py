@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.deps import CoordinatorDep, WorkerIdPath
+from coordinator.deps import BEARER, CoordinatorDep, WorkerIdPath
 from coordinator.models import HeartbeatRequest, Message, RegisterRequest, WorkerOut
+from coordinator.responses import AUTHED, WITH_BODY, refusals
 
-router = APIRouter(prefix="/workers", tags=["workers"])
+router = APIRouter(prefix="/workers", tags=["workers"], dependencies=BEARER)
 
 
-@router.post("/register")
+@router.post("/register", responses=refusals(*WITH_BODY))
 async def register(body: RegisterRequest, coord: CoordinatorDep) -> Message:
     """Add a worker, or update a restarted one's address and mark it alive."""
     info = body.model_dump(exclude={"worker_id", "ip_address", "port", "device"},
@@ -20,7 +21,7 @@ async def register(body: RegisterRequest, coord: CoordinatorDep) -> Message:
     return Message(message=f"{body.worker_id} {'re-registered' if known else 'registered'}")
 
 
-@router.post("/{worker_id}/heartbeat")
+@router.post("/{worker_id}/heartbeat", responses=refusals(*WITH_BODY, 404, 409))
 async def heartbeat(worker_id: WorkerIdPath, coord: CoordinatorDep,
               body: HeartbeatRequest | None = None) -> Message:
     """Keep an alive worker alive; 404 if unknown, 409 if dead or left (register again)."""
@@ -29,14 +30,14 @@ async def heartbeat(worker_id: WorkerIdPath, coord: CoordinatorDep,
     return Message(message="ok")
 
 
-@router.delete("/{worker_id}")
+@router.delete("/{worker_id}", responses=refusals(*AUTHED, 404, 422))
 async def leave(worker_id: WorkerIdPath, coord: CoordinatorDep) -> Message:
     """Graceful leave: the worker is marked left and its generation, if any, ends."""
     coord.leave(worker_id)
     return Message(message=f"{worker_id} left")
 
 
-@router.get("")
+@router.get("", responses=refusals(*AUTHED))
 async def workers(coord: CoordinatorDep) -> list[WorkerOut]:
     """Every worker ever registered, with status, last heartbeat and address."""
     return [WorkerOut.model_validate(w) for w in coord.store.workers()]
