@@ -6,9 +6,12 @@ can overlap compute with communication and wait only when it needs the data.
 
 - ``all_gather(key, shard)``: every rank passes a 1-D shard of the same length ``S``; the result
   is the 1-D concatenation of all shards in rank order (length ``world_size * S``).
-- ``reduce_scatter(key, full)``: every rank passes a 1-D tensor of length ``world_size * S``; rank
-  ``r`` receives ``sum over ranks of full[r*S:(r+1)*S]``.
-- ``all_reduce(key, value)``: every rank receives the element-wise sum of all ranks' ``value``.
+- ``reduce_scatter(key, full, feedback=None)``: every rank passes a 1-D tensor of length
+  ``world_size * S``; rank ``r`` receives ``sum over ranks of full[r*S:(r+1)*S]``. A transport
+  that sends gradients lossily adds ``feedback`` to what it sends and leaves in it what was
+  lost (error feedback); a lossless one leaves it untouched.
+- ``all_reduce(key, value)``: every rank receives the element-wise sum of all ranks' ``value``,
+  always exactly (never compressed): it carries norms, losses and counts.
 - ``barrier(key)``: completes once every rank has entered the barrier with the same key.
 - ``shift(key, tensor)``: rank ``r`` sends ``tensor`` to rank ``(r+1) % W`` and receives the one
   of rank ``(r-1) % W`` (every rank passes the same shape and dtype). It moves bytes, never
@@ -112,7 +115,8 @@ class Collectives(Protocol):
 
     def all_gather(self, key: Key, shard: torch.Tensor) -> Future[torch.Tensor]: ...
 
-    def reduce_scatter(self, key: Key, full: torch.Tensor) -> Future[torch.Tensor]: ...
+    def reduce_scatter(self, key: Key, full: torch.Tensor, *,
+                       feedback: torch.Tensor | None = None) -> Future[torch.Tensor]: ...
 
     def all_reduce(self, key: Key, value: torch.Tensor) -> Future[torch.Tensor]: ...
 

@@ -11,6 +11,13 @@
   reduce-scatter is always direct.
 - shift: one push to rank r+1 under the key; the slot expects one contribution, from rank r-1.
   Always the raw codec: a shift carries master copies, which are never compressed.
+Codecs: all-gathers use ``param_codec``, reduce-scatters ``grad_codec``; all-reduces (grad norm,
+loss, token counts), barriers and shifts are always raw, so scalars are exact. A lossy all-gather
+gives every rank the same decoded rows, its own included (its shard goes through the same
+encode/decode), and never takes the ring (forwarding would re-encode). A lossy reduce-scatter
+with ``feedback`` adds the sender's residual to each outgoing part and keeps what the codec lost
+(error feedback); the part a rank keeps for itself is never encoded, so its residual stays 0.
+``bytes_sent`` counts every payload and header byte this rank pushed, by phase.
 Large contributions are cut into ranges sent on parallel streams (MAX_STREAMS, from the core
 count) so encoding, the wire and the receiver's copies overlap; each stream carries ~1 MiB chunks.
 
@@ -30,7 +37,8 @@ import torch
 
 from communication.accumulator import Expectation, MissingContributions, Mode
 from communication.codec import DTYPE_NAMES, get_codec
-from communication.collectives import CollectiveError, Key, completed
+from communication.collectives import CollectiveError, Key, Phase, completed
+from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
 from communication.proto import zerop2p_pb2 as pb
@@ -54,27 +62,33 @@ class GrpcCollectives:
     """The Collectives protocol for one generation, on a GrpcTransport."""
 
     def __init__(self, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
-                 generation: int, timeout: float, codec: str = "raw"):
+                 generation: int, timeout: float, codec: str = "raw",
+                 param_codec: str | None = None, grad_codec: str | None = None):
         self.transport = transport
         self.rank = rank
         self.world_size = world_size
         self.peers = peers
         self.generation = generation
         self.timeout = timeout
-        self.codec = get_codec(codec)
+        self.param_codec = get_codec(param_codec or codec)
+        self.grad_codec = get_codec(grad_codec or codec)
+        self.bytes_sent: dict[Phase, int] = {p: 0 for p in Phase}
         self._closed = False
         self._lost: tuple[int, str] | None = None
         self._lost_event: asyncio.Event | None = None  # created on the loop
 
     @classmethod
     def bind(cls, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
-             generation: int, timeout: float = 60.0, codec: str = "raw") -> GrpcCollectives:
-        """Collectives for one generation on ``transport``; older generations are refused."""
+             generation: int, timeout: float = 60.0, codec: str = "raw",
+             param_codec: str | None = None, grad_codec: str | None = None) -> GrpcCollectives:
+        """Collectives for one generation on ``transport``; older generations are refused.
+        ``codec`` is the default for both ``param_codec`` and ``grad_codec``."""
         if len(peers) != world_size:
             raise ValueError(f"{len(peers)} peer addresses for world size {world_size}")
         transport.bind(rank=rank, generation=generation)
         return cls(transport, rank=rank, world_size=world_size, peers=list(peers),
-                   generation=generation, timeout=timeout, codec=codec)
+                   generation=generation, timeout=timeout, codec=codec,
+                   param_codec=param_codec, grad_codec=grad_codec)
 
     # -- the protocol ----------------------------------------------------------------------
 
@@ -83,12 +97,16 @@ class GrpcCollectives:
         if self.world_size == 1:
             return completed(shard.detach().clone())
         src = self._cpu(shard).reshape(-1)
-        ring = (self.world_size >= RING_MIN_WORLD and src.nbytes >= RING_MIN_BYTES)
+        ring = (self.param_codec is RAW and self.world_size >= RING_MIN_WORLD
+                and src.nbytes >= RING_MIN_BYTES)
         return self._run("all_gather", key, shard.device,
                          self._gather(key, src, ring=ring))
 
-    def reduce_scatter(self, key: Key, full: torch.Tensor) -> Future[torch.Tensor]:
-        """Rank r receives the rank-order sum over ranks of full[r*S:(r+1)*S]."""
+    def reduce_scatter(self, key: Key, full: torch.Tensor, *,
+                       feedback: torch.Tensor | None = None) -> Future[torch.Tensor]:
+        """Rank r receives the rank-order sum over ranks of full[r*S:(r+1)*S]. With a lossy
+        grad codec, ``feedback`` (fp32, like ``full``, on CPU) is added to what is sent and
+        replaced by what the codec lost; leave it alone until the future is done."""
         n, w = full.numel(), self.world_size
         if n % w:
             raise ValueError(f"reduce_scatter {key}: length {n} is not a multiple of world size "
@@ -98,8 +116,17 @@ class GrpcCollectives:
         src = self._cpu(full).reshape(-1)
         s = n // w
         parts = [src[r * s:(r + 1) * s] for r in range(w)]
+        codec = self.grad_codec
+        if feedback is not None and codec is not RAW:
+            if feedback.shape != src.shape or feedback.device.type != "cpu":
+                raise ValueError(f"reduce_scatter {key}: feedback must be a CPU tensor of "
+                                 f"{tuple(src.shape)}, got {tuple(feedback.shape)} on "
+                                 f"{feedback.device}")
+            return self._run("reduce_scatter", key, full.device,
+                             self._direct(key, parts, Mode.SUM, (s,), src.dtype, codec,
+                                          feedback=feedback.view(-1)))
         return self._run("reduce_scatter", key, full.device,
-                         self._direct(key, parts, Mode.SUM, (s,), src.dtype))
+                         self._direct(key, parts, Mode.SUM, (s,), src.dtype, codec))
 
     def all_reduce(self, key: Key, value: torch.Tensor) -> Future[torch.Tensor]:
         """Every rank receives the rank-order element-wise sum of all ranks' value."""
@@ -108,7 +135,7 @@ class GrpcCollectives:
         src = self._cpu(value)
         return self._run("all_reduce", key, value.device,
                          self._direct(key, [src] * self.world_size, Mode.SUM,
-                                      tuple(src.shape), src.dtype))
+                                      tuple(src.shape), src.dtype, RAW))
 
     def barrier(self, key: Key) -> Future[None]:
         """Complete once every rank has entered with this key."""
@@ -117,7 +144,7 @@ class GrpcCollectives:
         empty = torch.empty(0)
         return self._run("barrier", key, None,
                          self._direct(key, [empty] * self.world_size, Mode.CONCAT, (0,),
-                                      torch.float32))
+                                      torch.float32, RAW))
 
     def shift(self, key: Key, tensor: torch.Tensor) -> Future[torch.Tensor]:
         """Send tensor to rank+1, receive rank-1's (same shape and dtype on every rank)."""
@@ -171,9 +198,11 @@ class GrpcCollectives:
         return self.transport.accumulator.open(exp)
 
     async def _push(self, key: Key, dest: int, origin: int, t: torch.Tensor,
-                    deadline: float, codec) -> None:
-        """Stream t (origin's contribution) to rank dest, split over parallel ranges if big."""
-        wire = codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
+                    deadline: float, codec, wire: torch.Tensor | None = None) -> None:
+        """Stream t (origin's contribution) to rank dest, split over parallel ranges if big;
+        ``wire`` is t already encoded with ``codec`` (encoded here when not given)."""
+        if wire is None:
+            wire = codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
         client = self.transport.client(self.peers[dest])
         n = wire.numel()
         streams = min(MAX_STREAMS, max(1, n // STREAM_MIN_BYTES))
@@ -185,10 +214,12 @@ class GrpcCollectives:
                                    origin=origin, dtype=DTYPE_NAMES[t.dtype],
                                    shape=list(t.shape), offset=a, total_bytes=b - a,
                                    codec=codec.name)
+        headers = [header(a, b) for a, b in ranges]
+        self.bytes_sent[key.phase] += n + sum(h.ByteSize() for h in headers)
         try:
-            await asyncio.gather(*(client.push(header(a, b), wire[a:b], deadline=deadline,
+            await asyncio.gather(*(client.push(h, wire[a:b], deadline=deadline,
                                                unavailable_for=LOST_AFTER)
-                                   for a, b in ranges))
+                                   for h, (a, b) in zip(headers, ranges)))
         except PeerCallError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
                 self._mark_lost(dest)
@@ -238,13 +269,20 @@ class GrpcCollectives:
         return result
 
     async def _direct(self, key: Key, parts: list[torch.Tensor], mode: Mode,
-                      shape: tuple[int, ...], dtype: torch.dtype):
-        """Send parts[r] to every rank r != self; keep our own; combine once all arrived."""
+                      shape: tuple[int, ...], dtype: torch.dtype, codec,
+                      feedback: torch.Tensor | None = None):
+        """Send parts[r] to every rank r != self; keep our own; combine once all arrived.
+
+        Parts that are one tensor (an all-gather's shard) are encoded once; with a lossy
+        codec the rank keeps the decoded copy, as every peer will see it."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         slot = self._open(key, mode, shape, dtype)
-        slot.put(self.rank, parts[self.rank].view(shape))
-        sends = [self._push(key, r, self.rank, parts[r].view(shape), deadline, self.codec)
-                 for r in self._send_order()]
+        order = self._send_order()
+        own, wires = encode_parts(parts, rank=self.rank, dests=order, codec=codec,
+                                  feedback=feedback)
+        slot.put(self.rank, own.view(shape))
+        sends = [self._push(key, r, self.rank, parts[r].view(shape), deadline, codec, wires[r])
+                 for r in order]
         out = await self._finish(slot, sends)
         return None if mode is Mode.CONCAT and shape == (0,) else out
 
@@ -253,7 +291,7 @@ class GrpcCollectives:
         deadline = asyncio.get_running_loop().time() + self.timeout
         slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype,
                           source=(self.rank - 1) % w)
-        send = self._push(key, (self.rank + 1) % w, self.rank, src, deadline, RAW)
+        send = self._push(key, (self.rank + 1) % w, self.rank, src, deadline, RAW)  # masters
         return await self._finish(slot, [send])
 
     def _send_order(self) -> list[int]:
@@ -264,7 +302,7 @@ class GrpcCollectives:
     async def _gather(self, key: Key, src: torch.Tensor, *, ring: bool):
         if not ring:
             return await self._direct(key, [src] * self.world_size, Mode.CONCAT,
-                                      tuple(src.shape), src.dtype)
+                                      tuple(src.shape), src.dtype, self.param_codec)
         deadline = asyncio.get_running_loop().time() + self.timeout
         slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype)
         slot.put(self.rank, src)
@@ -274,6 +312,6 @@ class GrpcCollectives:
             for step in range(w - 1):
                 origin = (self.rank - step) % w
                 await slot.arrived(origin)
-                await self._push(key, nxt, origin, slot.buffer(origin), deadline, self.codec)
+                await self._push(key, nxt, origin, slot.buffer(origin), deadline, RAW)
 
         return await self._finish(slot, [forward()])

@@ -134,7 +134,8 @@ class TorchCollectives:
 
         return self._launch("all_gather", key, start)
 
-    def reduce_scatter(self, key: Key, full: torch.Tensor) -> Future[torch.Tensor]:
+    def reduce_scatter(self, key: Key, full: torch.Tensor, *,
+                       feedback: torch.Tensor | None = None) -> Future[torch.Tensor]:
         """Rank r receives the sum over ranks of full[r*S:(r+1)*S]."""
         n = full.numel()
         if n % self.world_size:
