@@ -60,8 +60,10 @@ def main() -> None:
     for gen, name in enumerate(args.scenarios.split(","), start=1):
         cfg = SCENARIOS[name]
         if transport is not None:
-            coll = GrpcCollectives.bind(transport, rank=rank, world_size=n, peers=peers, generation=gen,
-                                         timeout=60.0)
+            param_codec, grad_codec = cfg.traffic.codecs(cfg.codec)
+            coll = GrpcCollectives.bind(transport, rank=rank, world_size=n, peers=peers,
+                                        generation=gen, timeout=60.0, param_codec=param_codec,
+                                        grad_codec=grad_codec)
         else:
             coll = torch_coll
         # Nobody sends for generation `gen` before every rank has created it.
@@ -83,6 +85,8 @@ def main() -> None:
                 "grad_norms": [s.grad_norm for s in trainer.history],
                 "collective_counts": counts, "layouts": layouts,
                 "params_per_unit": [len(u.layout.slots) for u in engine.units],
+                "bytes_sent": sum(getattr(coll, "bytes_sent", {}).values()),
+                "bytes_by_phase": {p.value: b for p, b in getattr(coll, "bytes_sent", {}).items()},
             }))
         store.set(f"done/{gen}/{rank}", "1")
         store.wait([f"done/{gen}/{r}" for r in range(n)], WAIT)

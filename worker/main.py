@@ -39,6 +39,7 @@ from worker.models.loading import build_model
 from worker.models.lora import apply_lora
 from worker.state.rescue import publish_rescue, write_rescue
 from worker.train.config import TrainConfig
+from worker.train.traffic import replicate_frozen
 from worker.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,11 @@ def build_collectives(cfg: WorkerConfig, generation: Generation,
     """The transport for this generation: our gRPC collectives or torch.distributed."""
     peers = [f"{p.ip_address}:{p.port}" for p in generation.peers]
     if cfg.train.backend == "grpc":
+        param_codec, grad_codec = cfg.train.traffic.codecs(cfg.train.codec)
         return GrpcCollectives.bind(transport, rank=generation.rank,
                                     world_size=generation.world_size, peers=peers,
                                     generation=generation.generation, timeout=cfg.train.timeout,
-                                    codec=cfg.train.codec)
+                                    param_codec=param_codec, grad_codec=grad_codec)
     backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
     return TorchCollectives(rank=generation.rank, world_size=generation.world_size,
                             store_addr=peers[0], backend=backend, timeout=cfg.train.timeout,
@@ -111,16 +113,25 @@ def build_trainable_model(train: TrainConfig, data) -> torch.nn.Module:
 def shard_for_training(train: TrainConfig, model, collectives: Collectives, generation: int,
                        observers: Observers = NO_OBSERVERS) -> Zero3Engine:
     """Shard ``model`` into units (found automatically, or by ``unit_pattern``) as ``train``
-    says: device, compute dtype, deadline, prefetch."""
+    says: device, compute dtype, deadline, and the traffic options."""
     blocks = find_block_modules(model, pattern=train.unit_pattern)
     device = torch.device(train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return shard_model(model, collectives=collectives,
-                       config=ShardConfig(generation=generation, timeout=train.timeout,
-                                          compute_dtype=compute_dtype(train.mixed_precision),
-                                          device=device, prefetch=train.prefetch),
-                       block_names=blocks, observers=observers)
+    traffic, dtype = train.traffic, compute_dtype(train.mixed_precision)
+    frozen_bytes = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    replicate = replicate_frozen(traffic.frozen, frozen_bytes=frozen_bytes * dtype.itemsize,
+                                 device=device)
+    lossy_grads = traffic.codecs(train.codec)[1] != "raw"
+    config = ShardConfig(generation=generation, timeout=train.timeout, compute_dtype=dtype,
+                         device=device, prefetch=train.prefetch,
+                         prefetch_depth=traffic.prefetch_depth,
+                         reshard_after_forward=traffic.reshard_after_forward,
+                         replicate_frozen=replicate,
+                         error_feedback=traffic.error_feedback and lossy_grads,
+                         persist_threshold=traffic.persist_threshold)
+    return shard_model(model, collectives=collectives, config=config, block_names=blocks,
+                       observers=observers)
 
 
 def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,
@@ -142,6 +153,9 @@ def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,
         "collectives_per_step": {
             p.value: n / max(len(trainer.history), 1) for p, n in engine.collective_counts.items()
         },
+        # rank 0's pushed payload and header bytes by phase (gRPC only), final gather included
+        "bytes_sent": {p.value: n for p, n in getattr(engine.collectives, "bytes_sent",
+                                                       {}).items()},
     }
     (path / "result.json").write_text(json.dumps(result, indent=1))
 

@@ -78,7 +78,29 @@ OPTIONS: list[Opt] = [
     Opt("--mixed-precision", "mixed_precision", str, "no, bf16 or fp16 (fp32 master shards)"),
     Opt("--device", "device", str, "cpu or cuda:N"),
     Opt("--backend", "backend", str, "grpc (peer-to-peer) or torch (gloo/NCCL)"),
-    Opt("--codec", "codec", str, "gRPC wire codec: raw, bf16 or int8"),
+    Opt("--codec", "codec", str, "gRPC wire codec of parameters and gradients: raw, bf16 or "
+        "int8 (all-reduces of norms and losses are always exact)"),
+    Opt("--param-codec", "traffic.param_codec", str, "wire codec of parameter all-gathers "
+        "(default: --codec); every rank computes with the same decoded weights"),
+    Opt("--grad-codec", "traffic.grad_codec", str, "wire codec of gradient reduce-scatters "
+        "(default: --codec)"),
+    Opt("--error-feedback", "traffic.error_feedback", _bool, "with a lossy grad codec, send "
+        "what the wire lost with the next gradient (memory: one fp32 copy of the trainable "
+        "parameters per rank, on CPU; default true)"),
+    Opt("--grad-sync", "traffic.grad_sync", str, "micro-batch (default) or step: with "
+        "--grad-accum K, reduce-scatter once per optimizer step instead of K times (memory: "
+        "each rank keeps the full fp32 gradient of every unit until the step)"),
+    Opt("--frozen", "traffic.frozen", str, "shard (default), replicate (frozen weights, a LoRA "
+        "base, live whole on every rank and never travel) or auto (replicate when they take "
+        "at most a quarter of free memory)"),
+    Opt("--prefetch-depth", "traffic.prefetch_depth", int, "units gathered ahead of the one "
+        "that runs (default 1; each holds one more unit's parameters)"),
+    Opt("--persist-threshold", "traffic.persist_threshold", int, "parameters with fewer "
+        "elements (norms, biases, LoRA adapters) stay whole on every rank; their gradients ride "
+        "in the step's one all-reduce (default 0: everything sharded)"),
+    Opt("--reshard-after-forward", "traffic.reshard_after_forward", _bool, "false: keep units "
+        "gathered from forward to backward (no backward all-gather; every unit is alive at "
+        "the end of forward)"),
     Opt("--eval-every", "eval_every", int, "evaluate every K steps (0: only at the end)"),
     Opt("--eval-batches", "eval_batches", int, "held-out batches per evaluation"),
     Opt("--log-every", "log_every", int, "log every K steps"),

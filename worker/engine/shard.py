@@ -7,6 +7,7 @@ from torch import nn
 from communication.collectives import Collectives
 from worker.engine.config import ShardConfig
 from worker.engine.progress import NO_OBSERVERS, Observers
+from worker.engine.replicated import ReplicatedParams
 from worker.engine.sharding import build_layout, discover_units
 from worker.engine.unit import ShardedUnit
 from worker.engine.zero3 import Zero3Engine
@@ -17,16 +18,23 @@ def shard_model(model: nn.Module, *, collectives: Collectives, config: ShardConf
     """Shard ``model`` in place, in a fixed order: unit discovery, flat layouts, slices, hooks.
 
     Apply LoRA before calling this: trainable/frozen is read from ``requires_grad`` here.
+    Parameters with fewer than ``config.persist_threshold`` elements stay whole on every rank
+    (replicated.py); the rest are laid out and sharded by unit.
     Every rank must build the same model (same seed or same weights) before sharding.
     """
     model.to(config.device)
-    units = []
+    units, small = [], []
     for spec in discover_units(model, block_names):
-        layout = build_layout(spec.unit, spec.module_name, spec.params)
+        params = [(n, p) for n, p in spec.params if p.numel() >= config.persist_threshold]
+        small += [(n, p) for n, p in spec.params if p.numel() < config.persist_threshold]
+        layout = build_layout(spec.unit, spec.module_name, params)
         units.append(
-            ShardedUnit(layout, spec.module, dict(spec.params), rank=collectives.rank,
+            ShardedUnit(layout, spec.module, dict(params), rank=collectives.rank,
                         world_size=collectives.world_size, compute_dtype=config.compute_dtype,
-                        device=config.device)
+                        device=config.device, replicate_frozen=config.replicate_frozen,
+                        error_feedback=config.error_feedback)
         )
     # Buffers (position ids, rotary tables) stay replicated; only parameters are sharded.
-    return Zero3Engine(model, units, collectives=collectives, config=config, observers=observers)
+    replicated = ReplicatedParams(small, compute_dtype=config.compute_dtype, device=config.device)
+    return Zero3Engine(model, units, collectives=collectives, config=config, observers=observers,
+                       replicated=replicated)

@@ -4,6 +4,12 @@ The unit keeps one persistent *full* buffer in the compute dtype whose storage i
 when the unit is SHARDED. Every parameter of the unit is a view into that buffer, set once at
 sharding time, so tensors autograd saved during forward (views of parameters) become valid again
 when the buffer is refilled before backward, and the memory is really released in between.
+
+With ``replicate_frozen`` the frozen region (a LoRA base) lives whole on every rank in its own
+buffer that is never freed, and the all-gather carries the trainable region only; a unit with
+nothing left to gather is always UNSHARDED. ``residual`` is the error feedback of a lossy
+gradient codec (what the wire lost last time, sent with the next gradient); ``local_grad`` the
+gradient accumulated without reduce-scattering (``grad_sync="step"``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ class ShardedUnit:
     already reduce-scattered the unit's gradient."""
 
     def __init__(self, layout: FlatLayout, module: nn.Module, params: dict[str, nn.Parameter], *,
-                 rank: int, world_size: int, compute_dtype: torch.dtype, device: torch.device):
+                 rank: int, world_size: int, compute_dtype: torch.dtype, device: torch.device,
+                 replicate_frozen: bool = False, error_feedback: bool = False):
         self.layout = layout
         self.index = layout.unit
         self.is_root = layout.unit == 0  # wraps the whole model: gathered through to backward
@@ -51,22 +58,33 @@ class ShardedUnit:
         self.trainable_params = [p for s, p in zip(layout.slots, self.params) if s.trainable]
         self.grads_seen = 0  # trainable parameters whose grad arrived in this backward
         self.reduced = False
+        self.replicate_frozen = replicate_frozen and self.frozen_shard > 0
+        # Elements of each rank's row in the all-gather: trainable, then frozen unless replicated.
+        self.gathered_frozen = 0 if self.replicate_frozen else self.frozen_shard
+        self.row = self.trainable_shard + self.gathered_frozen
 
         train, frozen = flatten_params(layout, params, world_size, torch.float32)
         a, b = owned_range(self.trainable_shard, rank)
         self.master = nn.Parameter(train[a:b].clone().to(device),
                                    requires_grad=self.trainable_shard > 0)
-        a, b = owned_range(self.frozen_shard, rank)
-        self.frozen = frozen[a:b].to(device=device, dtype=compute_dtype).clone()
-
+        self.residual = (torch.zeros(self.trainable_shard * world_size, dtype=torch.float32)
+                         if error_feedback and self.trains else None)
+        self.local_grad: torch.Tensor | None = None
+        fa, fb = owned_range(self.frozen_shard, rank)
         n_train = self.trainable_shard * world_size
-        self.full = torch.empty(n_train + self.frozen_shard * world_size, dtype=compute_dtype,
+        self.full = torch.empty(n_train + self.gathered_frozen * world_size, dtype=compute_dtype,
                                 device=device)
+        if self.replicate_frozen:
+            self.frozen_full = frozen.to(device=device, dtype=compute_dtype)
+            self.frozen = self.frozen_full[fa:fb]  # the owned slice, as a checkpoint saves it
+        else:
+            self.frozen_full = self.full[n_train:]
+            self.frozen = frozen[fa:fb].to(device=device, dtype=compute_dtype).clone()
         self._nbytes = self.full.untyped_storage().nbytes()
         self.full_bytes = self._nbytes
         for slot, p in zip(layout.slots, self.params):
-            base = 0 if slot.trainable else n_train
-            p.data = self.full[base + slot.offset : base + slot.offset + slot.numel].view(slot.shape)
+            region = self.full if slot.trainable else self.frozen_full
+            p.data = region[slot.offset : slot.offset + slot.numel].view(slot.shape)
         self.state = UnitState.UNSHARDED
         self.free()
         self._gather: Future | None = None
@@ -79,9 +97,15 @@ class ShardedUnit:
 
     # --- parameters -------------------------------------------------------------------------
     def local_shard(self) -> torch.Tensor:
-        """What this rank contributes to an all-gather: its trainable then frozen slice."""
+        """What this rank contributes to an all-gather: its trainable then (unless replicated)
+        frozen slice."""
         own = self.master.detach().to(self.compute_dtype)
-        return torch.cat([own, self.frozen]) if self.frozen_shard else own
+        return torch.cat([own, self.frozen]) if self.gathered_frozen else own
+
+    @property
+    def needs_gather(self) -> bool:
+        """False when every element is resident anyway (frozen and replicated)."""
+        return self.row > 0
 
     def begin_gather(self, collectives: Collectives, key: Key) -> None:
         """Start the all-gather unless the unit is already gathering or unsharded."""
@@ -99,7 +123,7 @@ class ShardedUnit:
             raise RuntimeError(f"unit {self.index}: wait_gathered before begin_gather")
         gathered = result(self._gather, key=self._gather_key, rank=self.rank, timeout=timeout)
         self._gather = None
-        row = self.trainable_shard + self.frozen_shard
+        row = self.row
         if gathered.numel() != self.world_size * row:
             raise RuntimeError(
                 f"unit {self.index} key {self._gather_key}: all-gather returned "
@@ -112,15 +136,19 @@ class ShardedUnit:
         full = self.full.data
         full[:n_train].view(self.world_size, self.trainable_shard).copy_(
             rows[:, : self.trainable_shard])
-        if self.frozen_shard:
-            full[n_train:].view(self.world_size, self.frozen_shard).copy_(
+        if self.gathered_frozen:
+            full[n_train:].view(self.world_size, self.gathered_frozen).copy_(
                 rows[:, self.trainable_shard :])
         self.state = UnitState.UNSHARDED
 
     def free(self) -> None:
-        """Release the full buffer's memory; owned slices stay."""
+        """Release the full buffer's memory; owned slices (and a replicated frozen region)
+        stay. A unit with nothing to gather stays UNSHARDED."""
         if self.state is UnitState.GATHERING:
             raise RuntimeError(f"unit {self.index}: free while a gather is in flight")
+        if not self.needs_gather:
+            self.state = UnitState.UNSHARDED
+            return
         self.full.untyped_storage().resize_(0)
         self.state = UnitState.SHARDED
 
@@ -129,6 +157,18 @@ class ShardedUnit:
         """A new backward: no grads seen, nothing reduced yet."""
         self.grads_seen = 0
         self.reduced = False
+
+    def keep_local_grad(self, flat: torch.Tensor) -> None:
+        """Accumulate a micro-batch's full gradient here instead of reduce-scattering it."""
+        if self.local_grad is None:
+            self.local_grad = flat
+        else:
+            self.local_grad.add_(flat)
+
+    def take_local_grad(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` plus what was accumulated locally since the last reduce-scatter."""
+        kept, self.local_grad = self.local_grad, None
+        return flat if kept is None else kept.add_(flat)
 
     def take_flat_grad(self) -> torch.Tensor:
         """The unit's full padded fp32 gradient (zeros where none arrived); clears ``.grad``."""

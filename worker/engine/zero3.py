@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -20,9 +19,12 @@ from torch import nn
 
 from communication.collectives import Collectives, Key, Phase, result
 from worker.engine.config import ShardConfig
+from worker.engine.gradients import finish_gradients
 from worker.engine.progress import NO_OBSERVERS, Activity, Observers, Progress
+from worker.engine.replicated import ReplicatedParams
 from worker.engine.sharding import FlatLayout
 from worker.engine.unit import ShardedUnit, UnitState
+from worker.engine.weights import iter_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,12 @@ class Zero3Engine:
     """Runs forward/backward on a sharded model; owned gradients land in ``master.grad``."""
 
     def __init__(self, model: nn.Module, units: list[ShardedUnit], *, collectives: Collectives,
-                 config: ShardConfig, observers: Observers = NO_OBSERVERS):
+                 config: ShardConfig, observers: Observers = NO_OBSERVERS,
+                 replicated: ReplicatedParams | None = None):
         self.model = model
         self.units = units
+        self.replicated = replicated or ReplicatedParams([], compute_dtype=config.compute_dtype,
+                                                         device=config.device)
         self.collectives = collectives
         self.config = config
         self.observers = observers
@@ -54,6 +59,7 @@ class Zero3Engine:
         self._weights_index = 0  # full-weight gathers run in this step: the Key's index
         self._pending: list[tuple[ShardedUnit, Key, Future]] = []
         self._deferred_free: list[ShardedUnit] = []  # reduced units autograd may still read
+        self._sync_grads = True  # this backward reduce-scatters (False: keep grads locally)
         self.collective_counts: dict[Phase, int] = {p: 0 for p in Phase}
         self.peak_unsharded_bytes = 0  # most bytes of gathered full buffers alive at once
         self._install_hooks()
@@ -64,8 +70,8 @@ class Zero3Engine:
         return [u.layout for u in self.units]
 
     def parameters(self) -> list[nn.Parameter]:
-        """The owned fp32 master slices: what the optimizer steps."""
-        return [u.master for u in self.units if u.trains]
+        """The owned fp32 master slices and the replicated masters: what the optimizer steps."""
+        return [u.master for u in self.units if u.trains] + self.replicated.masters
 
     def forward(self, **batch):
         """Run the model on this rank's micro-batch; returns the model's output. Without grad
@@ -80,15 +86,21 @@ class Zero3Engine:
             self.phase = EnginePhase.IDLE
         return out
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward through the sharded model; owned grads accumulate the mean over ranks."""
+    def backward(self, loss: torch.Tensor, *, sync_grads: bool = True) -> None:
+        """Backward through the sharded model; owned grads accumulate the mean over ranks.
+
+        ``sync_grads=False`` keeps each unit's full gradient on this rank (no reduce-scatter);
+        the next backward with ``sync_grads=True`` reduce-scatters the sum (FSDP2's
+        ``set_requires_gradient_sync``): one reduce-scatter per optimizer step."""
         if self.phase is not EnginePhase.FORWARD:
             raise RuntimeError(f"rank {self.collectives.rank}: backward in phase "
                                f"{self.phase.value}; it must follow a training forward")
         self.phase = EnginePhase.BACKWARD
+        self._sync_grads = sync_grads
         for unit in self.units:
             unit.begin_backward()
         loss.backward()
+        self.replicated.collect()
         for unit in self.units:  # units whose params got no grad at all
             if unit.trains and not unit.reduced:
                 self._reduce(unit)
@@ -105,24 +117,11 @@ class Zero3Engine:
         fut = self.collectives.all_reduce(key, values.to(torch.float32).reshape(-1))
         return self._result(fut, key).cpu()
 
-    def clip_grad_norm(self, max_norm: float | None,
-                       extra: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None]:
-        """Global gradient norm over all ranks' owned slices, clipped like torch when max_norm is
-        set; ``extra`` (e.g. the step's loss) is summed over ranks in the same all-reduce."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        local = torch.zeros(1, dtype=torch.float32, device=self.config.device)
-        for g in grads:
-            local += g.float().pow(2).sum()
-        if extra is not None:
-            local = torch.cat([local, extra.detach().to(local).reshape(-1)])
-        total = self.all_reduce_sum(local)
-        norm = math.sqrt(float(total[0]))
-        if max_norm is not None and max_norm > 0:
-            coef = min(max_norm / (norm + 1e-6), 1.0)
-            if coef < 1.0:
-                for g in grads:
-                    g.mul_(coef)
-        return norm, (total[1:] if extra is not None else None)
+    def clip_grad_norm(self, max_norm: float | None, extra: torch.Tensor | None = None, *,
+                       loss_scale: float = 1.0) -> tuple[float, torch.Tensor | None]:
+        """Finish the step's gradients in one exact all-reduce (gradients.py): unscale, sum
+        ``extra`` and the replicated bucket over ranks, global norm, clip like torch."""
+        return finish_gradients(self, max_norm, extra=extra, loss_scale=loss_scale)
 
     def iter_full_weights(self, *, trainable_only: bool = False
                           ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -131,25 +130,12 @@ class Zero3Engine:
         Every rank must call it (it is collective); at most one unit is held at a time.
         """
         index, self._weights_index = self._weights_index, self._weights_index + 1
-        for unit in self.units:
-            if trainable_only and not unit.trains:
-                continue
-            shard = torch.cat([unit.master.detach().float(), unit.frozen.float()])
-            key = Key(generation=self.generation, phase=Phase.GATHER_WEIGHTS,
-                      step=self.step_index, unit=unit.index, index=index)
-            self.collective_counts[Phase.GATHER_WEIGHTS] += 1
-            rows = self._result(self.collectives.all_gather(key, shard), key)
-            rows = rows.view(self.collectives.world_size, -1).cpu()
-            train = rows[:, : unit.trainable_shard].reshape(-1)
-            frozen = rows[:, unit.trainable_shard :].reshape(-1)
-            for slot in unit.layout.slots:
-                if trainable_only and not slot.trainable:
-                    continue
-                region = train if slot.trainable else frozen
-                yield slot.name, region[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+        return iter_full_weights(self, index=index, trainable_only=trainable_only)
 
     def end_step(self) -> None:
-        """Mark the end of an optimizer step: the next collectives carry the next step number."""
+        """Mark the end of an optimizer step: replicated parameters take their stepped masters,
+        and the next collectives carry the next step number."""
+        self.replicated.refresh()
         self.step_index += 1
         self._forward_index = 0
         self._reduce_index = 0
@@ -189,8 +175,8 @@ class Zero3Engine:
                                    "Zero3Engine.forward (recomputation is not supported)")
             self.publish(Activity.FORWARD, unit.index)
             self._gather(unit, Phase.GATHER_FORWARD)
-            nxt = unit.index + 1
-            if self.config.prefetch and nxt < len(self.units):
+            for nxt in range(unit.index + 1, min(unit.index + 1 + self.config.depth,
+                                                 len(self.units))):
                 self._gather(self.units[nxt], Phase.GATHER_FORWARD)
             unit.wait_gathered(self.config.timeout)
             self._track_peak()
@@ -200,7 +186,8 @@ class Zero3Engine:
         def hook(module, args, output):
             if unit.is_root:
                 return None  # the root wraps the whole model: freed after backward
-            unit.free()
+            if self.config.reshard_after_forward or self.phase is EnginePhase.EVAL:
+                unit.free()
             if self.phase is EnginePhase.FORWARD:
                 for t in _tensors(output):
                     if t.requires_grad:
@@ -214,9 +201,9 @@ class Zero3Engine:
             self._free_deferred(after=unit.index)
             if unit.state is not UnitState.UNSHARDED and not unit.reduced:
                 self._gather(unit, Phase.GATHER_BACKWARD)
-                prev = unit.index - 1
-                if self.config.prefetch and prev >= 1 and not self.units[prev].reduced:
-                    self._gather(self.units[prev], Phase.GATHER_BACKWARD)
+                for prev in range(unit.index - 1, max(unit.index - 1 - self.config.depth, 0), -1):
+                    if not self.units[prev].reduced:
+                        self._gather(self.units[prev], Phase.GATHER_BACKWARD)
                 unit.wait_gathered(self.config.timeout)
                 self._track_peak()
             return None
@@ -241,17 +228,22 @@ class Zero3Engine:
         still read frozen ones (a LoRA base layer's input grad), so a unit holding any is freed
         later: when the previous unit's output grad is ready, which needs this unit's backward.
         """
-        self.publish(Activity.REDUCE_SCATTER, unit.index)
         flat = unit.take_flat_grad()
         unit.reduced = True
         if unit.state is UnitState.UNSHARDED:
-            if unit.layout.frozen_numel:
+            if unit.gathered_frozen:
                 self._deferred_free.append(unit)
             else:
                 unit.free()
+        if not self._sync_grads:
+            unit.keep_local_grad(flat)
+            return
+        self.publish(Activity.REDUCE_SCATTER, unit.index)
+        flat = unit.take_local_grad(flat)
         self.collective_counts[Phase.REDUCE_SCATTER] += 1
         key = self._key(Phase.REDUCE_SCATTER, unit)
-        self._pending.append((unit, key, self.collectives.reduce_scatter(key, flat)))
+        fut = self.collectives.reduce_scatter(key, flat, feedback=unit.residual)
+        self._pending.append((unit, key, fut))
 
     def _drain(self) -> None:
         """Wait for every reduce-scatter of this backward and add the mean into owned grads."""

@@ -53,7 +53,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def iter_unit_weights(checkpoint: Path, manifest: dict, layouts: list[FlatLayout], *,
                       trainable_only: bool = False):
-    """Yield (unit, {name: full tensor}) one unit at a time, reassembled from the rank files."""
+    """Yield (unit index, {name: full tensor}) one unit at a time, reassembled from the rank
+    files; the replicated parameters come last, as one more unit."""
     n = manifest["world_size"]
     frozen_stored = manifest["frozen_stored"]
     dtype = getattr(torch, manifest["compute_dtype"])
@@ -79,7 +80,18 @@ def iter_unit_weights(checkpoint: Path, manifest: dict, layouts: list[FlatLayout
                 else:
                     continue
                 weights[slot.name] = region[slot.offset : slot.offset + slot.numel].view(slot.shape)
-            yield layout, weights
+            yield layout.unit, weights
+        replicated = [r for r in manifest.get("replicated", [])
+                      if r["trainable"] or (not trainable_only and frozen_stored)]
+        if replicated:  # whole in saved rank 0's file (engine/replicated.py)
+            weights = {}
+            for r in replicated:
+                value = rank_files.whole(0, f"rep.{r['name']}")
+                if value is None:
+                    raise CheckpointError(f"{checkpoint}: replicated parameter {r['name']!r} "
+                                          "is not in rank 0's file")
+                weights[r["name"]] = value.float() if r["trainable"] else value
+            yield len(layouts), weights
 
 
 def _skeleton(manifest: dict):
@@ -108,15 +120,17 @@ def _check_names(model, names: set[str], what: str) -> None:
 
 def _export_full(checkpoint: Path, manifest: dict, layouts: list[FlatLayout], out: Path) -> None:
     config, model = _skeleton(manifest)
-    _check_names(model, {s.name for lay in layouts for s in lay.slots}, str(checkpoint))
+    replicated = [r["name"] for r in manifest.get("replicated", [])]
+    _check_names(model, {s.name for lay in layouts for s in lay.slots} | set(replicated),
+                 str(checkpoint))
     del model
     for stale in out.glob("model*.safetensors*"):
         stale.unlink()
-    count = len(layouts)
+    count = len(layouts) + (1 if replicated else 0)
     weight_map: dict[str, str] = {}
     total = 0
-    for layout, weights in iter_unit_weights(checkpoint, manifest, layouts):
-        name = f"model-{layout.unit + 1:05d}-of-{count:05d}.safetensors"
+    for index, weights in iter_unit_weights(checkpoint, manifest, layouts):
+        name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
         tensors = {k: v.contiguous() for k, v in weights.items()}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -131,6 +145,7 @@ def _export_adapter(checkpoint: Path, manifest: dict, layouts: list[FlatLayout],
     _, model = _skeleton(manifest)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     ours = {s.name for lay in layouts for s in lay.slots if s.trainable}
+    ours |= {r["name"] for r in manifest.get("replicated", []) if r["trainable"]}
     if trainable != ours:
         raise CheckpointError(f"{checkpoint}: trainable parameters differ from the rebuilt LoRA "
                               f"model: missing {sorted(trainable - ours)[:5]}, unexpected "

@@ -62,6 +62,15 @@ class RankFiles:
             pos = upto
         return out
 
+    def whole(self, rank: int, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` of saved rank ``rank`` as stored, or None when that file has none."""
+        fh = self._handle(rank)
+        return fh.get_tensor(name) if name in fh.keys() else None
+
+    def names(self, rank: int) -> list[str]:
+        """Every tensor name in saved rank ``rank``'s file."""
+        return list(self._handle(rank).keys())
+
     def scalar(self, name: str) -> torch.Tensor:
         """A value every rank saved alike (the optimizer's step count): rank 0's copy."""
         fh = self._handle(0)

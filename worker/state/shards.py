@@ -38,11 +38,29 @@ class ShardedState:
             out[f"u{i}.master"] = unit.master.detach().cpu().contiguous()
             if self.store_frozen:
                 out[f"u{i}.frozen"] = unit.frozen.detach().cpu().contiguous()
+            if unit.residual is not None:  # error feedback still owed to the next gradient
+                out[f"u{i}.residual"] = unit.residual.clone()
             for key, value in self.optimizer.state.get(unit.master, {}).items():
                 if not isinstance(value, torch.Tensor):
                     raise CheckpointError(f"unit {i}: optimizer state {key!r} is a "
                                           f"{type(value).__name__}, not a tensor")
                 out[f"u{i}.opt.{key}"] = value.detach().cpu().contiguous()
+        if self.engine.collectives.rank == 0:  # replicated: the same on every rank, saved once
+            out.update(self._replicated_tensors())
+        return out
+
+    def _replicated_tensors(self) -> dict[str, torch.Tensor]:
+        """``rep.<name>`` (fp32 master, or the frozen value unless LoRA) and its optimizer
+        state ``rep.<name>.opt.<key>`` for every replicated parameter."""
+        rep = self.engine.replicated
+        out: dict[str, torch.Tensor] = {}
+        for (name, _), master in zip(rep.trainable, rep.masters):
+            out[f"rep.{name}"] = master.detach().cpu().contiguous()
+            for key, value in self.optimizer.state.get(master, {}).items():
+                out[f"rep.{name}.opt.{key}"] = value.detach().cpu().contiguous()
+        if self.store_frozen:
+            for name, p in rep.frozen:
+                out[f"rep.{name}"] = p.detach().cpu().contiguous()
         return out
 
     def optimizer_meta(self) -> dict:
@@ -70,10 +88,18 @@ class ShardedState:
             "compute_dtype": str(engine.config.compute_dtype).removeprefix("torch."),
             "optimizer": self.optimizer_meta(),
             "model": _model_meta(engine.model, self.source),
+            "replicated": [{"name": n, "shape": list(p.shape), "trainable": p.requires_grad}
+                           for n, p in engine.replicated.named],
         }
 
     def load(self, files: RankFiles, manifest: dict, *, rank: int) -> None:
         """Fill this rank's slices and optimizer state from rank files of any world size."""
+        saved = [(r["name"], tuple(r["shape"])) for r in manifest.get("replicated", [])]
+        ours = [(n, tuple(p.shape)) for n, p in self.engine.replicated.named]
+        if saved != ours:
+            raise CheckpointError(f"{files.dir}: replicated parameters differ (is the persistence "
+                                  f"threshold the same?): checkpoint has {len(saved)} "
+                                  f"{saved[:2]}, this run {len(ours)} {ours[:2]}")
         check_layouts([FlatLayout.from_dict(d) for d in manifest["layouts"]],
                       self.engine.layouts)
         opt = manifest["optimizer"]
@@ -83,6 +109,7 @@ class ShardedState:
         for unit in self.engine.units:
             self._load_unit(unit, files, opt, saved_n=manifest["world_size"], rank=rank,
                             frozen_stored=manifest["frozen_stored"])
+        self._load_replicated(files, manifest)
         for group, saved in zip(self.optimizer.param_groups, opt["param_groups"]):
             group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         self.engine.step_index = manifest["step"]  # collectives go on with the saved step
@@ -101,6 +128,8 @@ class ShardedState:
                 fa, fb = owned_range(unit.frozen_shard, rank)
                 unit.frozen.copy_(files.read(f"u{i}.frozen", frozen_n, fa, fb,
                                              layout.frozen_numel, unit.frozen.dtype))
+        if unit.residual is not None:
+            self._load_residual(unit, files, saved_n=saved_n, rank=rank)
         if not unit.trains or not (opt["sliced"] or opt["scalars"]):
             return
         state = {}
@@ -110,6 +139,48 @@ class ShardedState:
         for key in opt["scalars"]:
             state[key] = files.scalar(f"u{i}.opt.{key}")
         self.optimizer.state[unit.master] = state
+
+
+    def _load_replicated(self, files: RankFiles, manifest: dict) -> None:
+        """Replicated parameters and their optimizer state, from saved rank 0's file."""
+        rep = self.engine.replicated
+        with torch.no_grad():
+            for (name, _), master in zip(rep.trainable, rep.masters):
+                master.copy_(_needed(files, name))
+                prefix = f"rep.{name}.opt."
+                state = {k.removeprefix(prefix): files.whole(0, k).to(master.device)
+                         for k in files.names(0) if k.startswith(prefix)}
+                if state:
+                    self.optimizer.state[master] = state
+            if manifest["frozen_stored"]:
+                for name, p in rep.frozen:
+                    p.copy_(_needed(files, name))
+        rep.refresh()
+
+    def _load_residual(self, unit, files: RankFiles, *, saved_n: int, rank: int) -> None:
+        """Error feedback owed by this rank: its own at the same world size; otherwise the sum
+        of every saved rank's (what all still owe to each element) goes to rank 0, so the
+        next step's reduced gradient carries it exactly once."""
+        name, numel = f"u{unit.index}.residual", unit.layout.trainable_numel
+        unit.residual.zero_()
+        if saved_n == self.engine.collectives.world_size:
+            saved = files.whole(rank, name)
+            if saved is not None:
+                unit.residual.copy_(saved)
+            return
+        if rank != 0:
+            return
+        for saved_rank in range(saved_n):
+            saved = files.whole(saved_rank, name)
+            if saved is not None:
+                unit.residual[:numel] += saved[:numel]
+
+
+def _needed(files: RankFiles, name: str) -> torch.Tensor:
+    value = files.whole(0, f"rep.{name}")
+    if value is None:
+        raise CheckpointError(f"{files.path(0)}: no replicated parameter {name!r}")
+    return value
 
 
 def _model_meta(model, source: str | None) -> dict:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from communication.codec import CODECS
 from worker.data.config import DataConfig
 from worker.models.config import ModelConfig
 from worker.models.dtypes import PRECISIONS
 from worker.models.lora import LoraSettings
 from worker.train.optim import OptimConfig
+from worker.train.traffic import TrafficConfig
 
 BACKENDS = ("grpc", "torch")
 
@@ -23,6 +25,7 @@ class TrainConfig:
     lora: LoraSettings | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
     steps: int = 30
     grad_accum: int = 1
     micro_batch_rows: int = 8  # rows per GLOBAL micro-batch; each rank takes rows / world_size
@@ -54,6 +57,12 @@ class TrainConfig:
                              f"{tuple(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec {self.codec!r} is not one of {sorted(CODECS)}")
+        lossy = [c for c in self.traffic.codecs(self.codec) if c != "raw"]
+        if lossy and self.backend != "grpc":
+            raise ValueError(f"codec {lossy[0]!r} needs backend 'grpc' (torch.distributed sends "
+                             f"raw tensors), got backend {self.backend!r}")
         if self.buddy and not (self.checkpoint_dir and self.resume):
             raise ValueError(f"buddy needs checkpoint_dir (got {self.checkpoint_dir!r}) and resume "
                              f"(got {self.resume}): a rescue is published and resumed there")
@@ -73,7 +82,7 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                    "lora": LoraSettings}
+                    "lora": LoraSettings, "traffic": TrafficConfig}
         for name, kind in sections.items():
             if isinstance(data.get(name), dict):
                 data[name] = _build(kind, data[name], name)

@@ -101,15 +101,14 @@ class Trainer:
                                      world_size=self.world_size, device=self.device)
             out = self.engine.forward(**batch)
             loss = out.loss.float()
-            self.engine.backward(loss * (self.loss_scale / cfg.grad_accum))
+            last = micro == cfg.grad_accum - 1
+            self.engine.backward(loss * (self.loss_scale / cfg.grad_accum),
+                                 sync_grads=last or cfg.traffic.grad_sync == "micro-batch")
             loss_sum += loss.detach().cpu() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-        if self.loss_scale != 1.0:
-            for p in self.engine.parameters():
-                if p.grad is not None:
-                    p.grad.div_(self.loss_scale)
-        norm, summed = self.engine.clip_grad_norm(cfg.optim.max_grad_norm,
-                                                 extra=torch.cat([loss_sum, torch.tensor([tokens])]))
+        norm, summed = self.engine.clip_grad_norm(
+            cfg.optim.max_grad_norm, extra=torch.cat([loss_sum, torch.tensor([tokens])]),
+            loss_scale=self.loss_scale)
         skipped = not torch.isfinite(torch.tensor(norm)).item()
         if self.buddy:
             self.buddy.settle()  # the last step's replica must land before this update
@@ -157,8 +156,9 @@ class Trainer:
             bar.set_postfix(loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}")
             if self.step % max(self.config.log_every, 1) == 0:
                 log.log(logging.INFO if self.rank == 0 else logging.DEBUG,
-                        "step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f peak_mem %.0f MB",
-                         done.step, done.loss, done.lr, done.grad_norm, done.tokens_per_s, done.peak_mem_mb)
+                        "step %d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f seconds %.3f "
+                        "peak_mem %.0f MB", done.step, done.loss, done.lr, done.grad_norm,
+                        done.tokens_per_s, done.seconds, done.peak_mem_mb)
             if self.on_step:
                 self.on_step(done)
             last = self.step == self.config.steps
