@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from concurrent.futures import Future
 
 from communication.accumulator import Accumulator
 from communication.auth import TlsConfig
+from communication.loop_thread import LoopThread
 from communication.peer_client import PeerClient
 from communication.peer_server import PeerServicer, create_server
 
@@ -34,10 +34,8 @@ class GrpcTransport:
         self.generation = 0
         self.rank = -1
         self._clients: dict[str, PeerClient] = {}
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="grpc-transport",
-                                        daemon=True)
-        self._thread.start()
+        self._loop_thread = LoopThread("grpc-transport")
+        self.loop = self._loop_thread.loop
         self.accumulator, self.servicer, self._server, self.port = self.call(
             self._start(host, port), timeout=START_TIMEOUT)
         self._closed = False
@@ -46,10 +44,6 @@ class GrpcTransport:
     def address(self) -> str:
         """host:port peers use to reach this transport."""
         return f"{self.host}:{self.port}"
-
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
 
     async def _start(self, host: str, port: int):
         acc = Accumulator(asyncio.get_running_loop())
@@ -60,7 +54,7 @@ class GrpcTransport:
 
     def submit(self, coro) -> Future:
         """Run a coroutine on the transport loop; a concurrent future for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return self._loop_thread.submit(coro)
 
     def call(self, coro, *, timeout: float):
         """Run a coroutine on the loop and wait for it (from any other thread)."""
@@ -101,6 +95,4 @@ class GrpcTransport:
             self.call(stop(), timeout=10.0)
         except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
             log.warning("transport on port %d did not stop cleanly: %s", self.port, exc)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10.0)
-        self.loop.close()
+        self._loop_thread.stop(timeout=10.0)

@@ -6,7 +6,6 @@ the training thread submits coroutines to it and waits on them with deadlines.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import logging
@@ -14,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from communication.loop_thread import LoopThread
 from worker.membership.client import REQUEST_TIMEOUT_S, CoordinatorClient, Generation
 from worker.membership.heartbeat import HeartbeatTask
 
@@ -40,10 +40,7 @@ class Membership:
         self._dropped = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever,
-                                        name=f"membership-{worker_id}", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread(f"membership-{worker_id}")
 
     def _call(self, coro: Any, timeout: float, what: str) -> Any:
         """Run ``coro`` (the ``what`` call, whose own deadlines end within ``timeout`` s plus
@@ -53,7 +50,7 @@ class Membership:
         if self._closed:
             coro.close()
             raise RuntimeError(f"membership of {self.worker_id} is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        future = self._loop.submit(coro)
         wait = timeout + self._client.request_timeout + GRACE_S
         try:
             return future.result(wait)
@@ -103,7 +100,7 @@ class Membership:
     def update_status(self, **status: Any) -> None:
         """Set fields of the next heartbeats' status; never blocks."""
         if not self._closed:
-            self._loop.call_soon_threadsafe(functools.partial(self._heartbeat.update, **status))
+            self._loop.call_soon(functools.partial(self._heartbeat.update, **status))
 
     def report(self, **metrics: Any) -> None:
         """Fire-and-forget telemetry: never blocks, never raises; drops when backed up."""
@@ -117,8 +114,8 @@ class Membership:
                         log.warning("%s: coordinator slow; dropping telemetry", self.worker_id)
                     return
                 self._pending += 1
-            future = asyncio.run_coroutine_threadsafe(
-                self._client.report_telemetry(retry_for=0.0, **metrics), self._loop)
+            future = self._loop.submit(
+                self._client.report_telemetry(retry_for=0.0, **metrics))
             future.add_done_callback(self._reported)
         except Exception as exc:  # telemetry must never stop training
             log.warning("%s: telemetry not sent: %s", self.worker_id, exc)
@@ -153,13 +150,10 @@ class Membership:
             await self._client.close()
 
         try:
-            asyncio.run_coroutine_threadsafe(_shutdown(), self._loop).result(CLOSE_DEADLINE_S)
+            self._loop.call(_shutdown(), timeout=CLOSE_DEADLINE_S)
         except Exception as exc:
             log.warning("%s: membership shutdown incomplete: %s", self.worker_id, exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(CLOSE_DEADLINE_S)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._loop.stop(timeout=CLOSE_DEADLINE_S)
 
     def __enter__(self) -> Membership:
         return self
