@@ -19,16 +19,8 @@ from safetensors.torch import save_file
 log = logging.getLogger(__name__)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's bytes, or a directory's entries (renames, new files), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,7 +52,7 @@ def write_rank_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors to ``<path>.part``, fsync, rename: a reader never sees half a file."""
     part = path.with_name(path.name + ".part")
     save_file(tensors, str(part), metadata={"format": "pt"})
-    _fsync_file(part)
+    fsync_path(part)
     os.replace(part, path)
 
 
@@ -72,7 +64,7 @@ def write_latest(root: Path, name: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, root / "latest")
-    fsync_dir(root)
+    fsync_path(root)
 
 
 def publish(root: Path, tmp: Path, final: Path) -> None:
@@ -80,13 +72,13 @@ def publish(root: Path, tmp: Path, final: Path) -> None:
     ``final`` aside, rename, fsync the root, point ``latest`` at it, then delete the old one.
     A crash leaves a complete checkpoint under the final name or none there (for an instant
     while an older one of the same step is swapped out; earlier steps stay), never a torn one."""
-    fsync_dir(tmp)
+    fsync_path(tmp)
     old = root / f"{final.name}.replaced"
     if final.exists():  # a step written again (after a resume, or a torn rescue target)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    fsync_dir(root)
+    fsync_path(root)
     write_latest(root, final.name)
     shutil.rmtree(old, ignore_errors=True)
 
