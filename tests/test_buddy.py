@@ -13,7 +13,14 @@ import torch
 from harness.fault_worker import FAULT_WORKER
 from run_helpers import assert_same_weights, result
 
-from worker.cluster.launcher import kill_all, run_local_cluster, spawn, start_coordinator, worker_argv
+from worker.cluster.launcher import (
+    kill_all,
+    local_worker_env,
+    run_local_cluster,
+    spawn,
+    start_coordinator,
+    worker_argv,
+)
 
 TOKEN = "buddy-token"
 STEPS = 8
@@ -77,7 +84,7 @@ def test_three_workers_lose_one_and_reshard_to_two(tmp_path, baseline):
             argv = worker_argv(url, worker_id=f"w{i}", min_workers=3, token=TOKEN, entry=FAULT_WORKER,
                                extra=["--heartbeat-interval", "0.5"]
                                + args_for(tmp_path, buddy=True))
-            workers.append(spawn(f"w{i}", argv, env=env, echo=False)[0])
+            workers.append(spawn(f"w{i}", argv, env=local_worker_env(3, env), echo=False)[0])
         codes = sorted(w.proc.wait(timeout=240) for w in workers)
         for w in workers:
             w.thread.join(timeout=5)

@@ -19,6 +19,7 @@ from run_helpers import assert_same_weights, result
 
 from worker.cluster.launcher import (
     kill_all,
+    local_worker_env,
     run_local_cluster,
     spawn,
     start_coordinator,
@@ -78,7 +79,8 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path, baseline):
     headers = {"Authorization": f"Bearer {TOKEN}"}
     args = ARGS + ["--output", str(tmp_path), "--heartbeat-interval", "0.5"]
     workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, token=TOKEN,
-                                          extra=args), echo=False)[0] for i in range(2)]
+                                          extra=args), env=local_worker_env(2), echo=False)[0]
+               for i in range(2)]
     try:
         ready = httpx.get(f"{url}/training/ready", params={"min_workers": 2, "wait": 60},
                           headers=headers, timeout=90).json()
@@ -113,7 +115,8 @@ def test_ctrl_c_leaves_and_ends_the_generation(tmp_path):
     headers = {"Authorization": f"Bearer {TOKEN}"}
     args = [a if a != str(STEPS) else "500" for a in ARGS]
     workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, token=TOKEN,
-                                          extra=args), echo=False)[0] for i in range(2)]
+                                          extra=args), env=local_worker_env(2), echo=False)[0]
+               for i in range(2)]
     try:
         ready = httpx.get(f"{url}/training/ready", params={"min_workers": 2, "wait": 60},
                           headers=headers, timeout=90).json()

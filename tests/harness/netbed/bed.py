@@ -42,6 +42,7 @@ from worker.cluster.launcher import (
     WORKER_ENTRY,
     Child,
     kill_all,
+    local_worker_env,
     spawn,
     start_coordinator,
     stop_all,
@@ -261,7 +262,8 @@ class NetBed:
         self._start_coordinator()
         cpu0, t0 = self.proxy_cpu_seconds(), time.monotonic()
         try:
-            self.workers = [spawn(f"w{i}", self._worker_argv(i), env=self.worker_env,
+            env = local_worker_env(self.world_size, self.worker_env)  # cores shared, as locally
+            self.workers = [spawn(f"w{i}", self._worker_argv(i), env=env,
                                   echo=self.echo)[0] for i in range(self.world_size)]
             supervise(self.workers, timeout=timeout, max_restarts=max_restarts)
             return self.workers
