@@ -13,7 +13,8 @@ headers), beside what the unit layouts predict. The bound is what the link alone
 with one sequential wait per group of ``prefetch_depth + 1`` all-gathers in forward and in
 backward (a gather issued ahead overlaps the ones before it), one for draining the
 reduce-scatters, one for the step's all-reduce. ``ratio_to_lan`` is step time over the same
-row on ``lan``. Needs root (namespaces) for every profile but lan.
+row on ``lan``; ``floor_ms`` is max(lan step, bound), what perfect overlap of compute and link
+could reach. Needs root (namespaces) for every profile but lan.
 
     python scripts/bench_links.py [--quick] [--json]
 
@@ -43,13 +44,17 @@ from communication.codec import get_codec  # noqa: E402
 
 MODELS = {"3.3M": ["--n-layer", "4", "--hidden-size", "256", "--num-heads", "4"],
           "25M": ["--n-layer", "8", "--hidden-size", "512", "--num-heads", "8"]}
-MODES = {"full": [], "lora": ["--lora-rank", "8"]}
+MODES = {"full": [], "lora": ["--lora-rank", "8"], "memory": []}
 # Traffic options per mode: the original step, and the cuts that apply to it.
 OPTIONS = {
     "full": {"default": [],
              "bf16p+int8g": ["--param-codec", "bf16", "--grad-codec", "int8"],
              "bf16p+int8g+small": ["--param-codec", "bf16", "--grad-codec", "int8",
                                    "--persist-threshold", "1000", "--prefetch-depth", "2"]},
+    # what the memory rows compare (``--memory``): time and peak resident memory per rank
+    "memory": {"accum4": ["--grad-accum", "4"],
+               "accum4+step-sync": ["--grad-accum", "4", "--grad-sync", "step"],
+               "keep-gathered": ["--reshard-after-forward", "false"]},
     "lora": {"default": [],
              "frozen-replicated": ["--frozen", "replicate"],
              "all-local": ["--frozen", "replicate", "--persist-threshold", "100000"]},
@@ -67,14 +72,20 @@ class Case:
     options: str
 
 
-def matrix(quick: bool) -> list[Case]:
+def matrix(quick: bool, memory: bool = False) -> list[Case]:
     """The rows to run: the full matrix, or (``--quick``) world size 2 and the 3.3 M model
-    plus the 25 M model's full fine-tuning on lan and wan-1g."""
+    plus the 25 M model's full fine-tuning on lan and wan-1g; ``--memory``: the options that
+    trade memory for traffic, on the 25 M model over lan and wan-100m."""
+    if memory:
+        return [Case(p, 2, "25M", m, o) for p in ("lan", "wan-100m")
+                for m, o in [("full", "default"), *(("memory", o) for o in OPTIONS["memory"])]]
     cases = []
     for model in MODELS:
         for world in (2, 4):
             for profile in ("lan", "wan-1g", "wan-100m"):
                 for mode, options in OPTIONS.items():
+                    if mode == "memory":
+                        continue
                     for name in options:
                         cases.append(Case(profile, world, model, mode, name))
     if not quick:
@@ -106,16 +117,19 @@ def predicted_bytes(case: Case, *, world: int) -> int:
             continue
         t, f = units[unit]
         units[unit] = (t + p.numel(), f) if p.requires_grad else (t, f + p.numel())
+    import torch  # lazy: with the model above
+
+    accum = cfg.grad_accum
+    syncs = accum if cfg.traffic.grad_sync == "micro-batch" else 1
+    per_block = 2 if cfg.traffic.reshard_after_forward else 1
     sent = 0
     for i, (t, f) in enumerate(units):
         shard_t, shard_f = -(-t // world), -(-f // world)
         row = shard_t + (0 if replicate else shard_f)
-        gathers = 0 if row == 0 else (1 if i == 0 else 2)  # the root stays through backward
-        import torch
-
+        gathers = 0 if row == 0 else accum * (1 if i == 0 else per_block)  # root: kept
         sent += gathers * (world - 1) * param_codec.wire_bytes(row, torch.float32)
         if t:
-            sent += (world - 1) * grad_codec.wire_bytes(shard_t, torch.float32)
+            sent += syncs * (world - 1) * grad_codec.wire_bytes(shard_t, torch.float32)
     return sent + (world - 1) * 4 * (3 + small)  # the all-reduce: norm, loss, tokens, bucket
 
 
@@ -158,33 +172,37 @@ def run_case(case: Case, *, steps: int, warmup: int) -> dict:
             "bound_ms": bound_ms(case, per_step, units=n_units),
             "rtt_ms": check.rtt_ms if check else None,
             "mbit_s": check.mbit_s if check else None,
+            "peak_rss_mb": max(s["peak_mem_mb"] for s in result["steps"]),
             "proxy_cpu_share": cpu_share, "wall_s": time.monotonic() - t0}
 
 
 def table(rows: list[dict]) -> str:
     head = (f"{'profile':<9} {'N':>2} {'model':>5} {'mode':<5} {'options':<18} {'step ms':>9} "
             f"{'tok/s':>7} {'MB/step':>8} {'vs pred':>7} {'vs lan':>7} {'bound ms':>9} "
-            f"{'vs bound':>8}")
+            f"{'vs bound':>8} {'vs floor':>8} {'peak MB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         vs_bound = r["step_ms"] / r["bound_ms"] if r["bound_ms"] else float("nan")
+        vs_floor = r["step_ms"] / r["floor_ms"] if r["floor_ms"] else float("nan")
         lines.append(
             f"{r['profile']:<9} {r['world_size']:>2} {r['model']:>5} {r['mode']:<5} "
             f"{r['options']:<18} {r['step_ms']:>9.1f} {r['tokens_per_s']:>7.0f} "
             f"{r['bytes_per_rank_per_step'] / 1e6:>8.3f} {r['bytes_vs_predicted']:>7.3f} "
-            f"{r['ratio_to_lan']:>7.2f} {r['bound_ms']:>9.1f} {vs_bound:>8.2f}")
+            f"{r['ratio_to_lan']:>7.2f} {r['bound_ms']:>9.1f} {vs_bound:>8.2f} {vs_floor:>8.2f} "
+            f"{r['peak_rss_mb']:>8.0f}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="world size 2, fewer 25 M rows")
+    ap.add_argument("--memory", action="store_true", help="only the memory-for-traffic rows")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated profiles to run")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
-    cases = matrix(args.quick)
+    cases = matrix(args.quick, args.memory)
     if args.only:
         keep = set(args.only.split(","))
         cases = [c for c in cases if c.profile in keep or c.profile == "lan"]
@@ -200,6 +218,8 @@ def main() -> int:
     for r in rows:
         base = lan.get((r["world_size"], r["model"], r["mode"], r["options"]))
         r["ratio_to_lan"] = r["step_ms"] / base if base else float("nan")
+        # What a perfect overlap of compute (the lan step) and the link could reach.
+        r["floor_ms"] = max(base or 0.0, r["bound_ms"])
     if not args.json:
         print(table(rows))
     print(json.dumps({"rows": rows}))
