@@ -200,12 +200,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated profiles to run")
+    ap.add_argument("--world-sizes", default=None, help="comma-separated, e.g. 4")
+    ap.add_argument("--models", default=None, help="comma-separated: 3.3M, 25M")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     cases = matrix(args.quick, args.memory)
     if args.only:
         keep = set(args.only.split(","))
         cases = [c for c in cases if c.profile in keep or c.profile == "lan"]
+    if args.world_sizes:
+        cases = [c for c in cases if str(c.world_size) in args.world_sizes.split(",")]
+    if args.models:
+        cases = [c for c in cases if c.model in args.models.split(",")]
     rows = []
     for case in cases:
         row = run_case(case, steps=args.steps, warmup=args.warmup)
