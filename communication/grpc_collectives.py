@@ -41,6 +41,7 @@ from communication.collectives import CollectiveError, Key, Phase, completed
 from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
+from communication.peer_loss import PeerLoss
 from communication.proto import zerop2p_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ class GrpcCollectives:
         self.grad_codec = get_codec(grad_codec or codec)
         self.bytes_sent: dict[Phase, int] = {p: 0 for p in Phase}
         self._closed = False
-        self._lost: tuple[int, str] | None = None
-        self._lost_event: asyncio.Event | None = None  # created on the loop
+        self._loss = PeerLoss(rank, peers)
 
     @classmethod
     def bind(cls, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
@@ -222,28 +222,10 @@ class GrpcCollectives:
                                    for h, (a, b) in zip(headers, ranges)))
         except PeerCallError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
-                self._mark_lost(dest)
+                self._loss.mark(dest)
             raise CollectiveError(
                 f"{key} on rank {self.rank}: peer rank {dest} at {self.peers[dest]} did not "
                 f"take our contribution: {exc}", rank=dest, address=self.peers[dest]) from None
-
-    def _lost_flag(self) -> asyncio.Event:
-        if self._lost_event is None:
-            self._lost_event = asyncio.Event()
-        return self._lost_event
-
-    def _mark_lost(self, rank: int) -> None:
-        """Remember the first peer found gone and wake every collective in flight."""
-        if self._lost is None:
-            self._lost = (rank, self.peers[rank])
-            log.warning("rank %d: peer rank %d at %s is gone", self.rank, rank, self.peers[rank])
-        self._lost_flag().set()
-
-    async def _raise_when_lost(self, key: Key) -> None:
-        await self._lost_flag().wait()
-        rank, address = self._lost
-        raise CollectiveError(f"{key} on rank {self.rank}: peer rank {rank} at {address} is gone",
-                              rank=rank, address=address)
 
     async def _finish(self, slot, sends: list) -> torch.Tensor:
         """Run the sends and the wait together; the first failure cancels the rest; a peer
@@ -252,7 +234,7 @@ class GrpcCollectives:
         tasks = [loop.create_task(s) for s in sends]
         tasks.append(loop.create_task(slot.wait(self.timeout)))
         work = asyncio.gather(*tasks)
-        lost = loop.create_task(self._raise_when_lost(slot.expectation.key))
+        lost = loop.create_task(self._loss.raise_when_lost(slot.expectation.key))
         try:
             await asyncio.wait([work, lost], return_when=asyncio.FIRST_COMPLETED)
             if work.done():
