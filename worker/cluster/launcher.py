@@ -75,9 +75,11 @@ def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = T
 
 
 def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_timeout: float = 10.0,
-                      echo: bool = True, port: int = 0) -> tuple[Child, str]:
-    """A real coordinator (on a free port unless ``port`` is given); returns it and its URL."""
-    argv = [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(port),
+                      echo: bool = True, port: int = 0, host: str = "127.0.0.1",
+                      prefix: Sequence[str] = ()) -> tuple[Child, str]:
+    """A real coordinator (on a free port unless ``port`` is given); returns it and the URL it
+    printed. ``prefix`` runs it under another command (``ip netns exec NS`` in the test bed)."""
+    argv = [*prefix, sys.executable, "-m", "coordinator", "--host", host, "--port", str(port),
             "--db", db, "--heartbeat-timeout", str(heartbeat_timeout)]
     if token:
         argv += ["--token", token]

@@ -38,7 +38,6 @@ from harness.netbed.namespaces import Host, Topology, missing_tools, sweep_lefto
 from harness.netbed.profiles import Profile
 from harness.netbed.selfcheck import CheckResult, LinkCheckError
 from worker.cluster.launcher import (
-    URL_LINE,
     WORKER_ENTRY,
     Child,
     kill_all,
@@ -279,10 +278,8 @@ class NetBed:
             self.coordinator, self._url = start_coordinator(token=self.token, echo=self.echo)
             return
         prefix, bind, port = self._serve(host, HTTP_PORT)
-        argv = [*prefix, sys.executable, "-m", "coordinator", "--host", bind, "--port", str(port),
-                "--db", ":memory:", "--heartbeat-timeout", "10", "--token", self.token]
-        self.coordinator, _ = spawn("coordinator", argv, echo=self.echo, wait_for=URL_LINE,
-                                    timeout=60.0)
+        self.coordinator, _ = start_coordinator(token=self.token, echo=self.echo, host=bind,
+                                                port=port, prefix=prefix)
         self._url = f"http://{host.address}:{HTTP_PORT}"
 
     def _worker_argv(self, i: int) -> list[str]:
