@@ -45,8 +45,9 @@ def finish_gradients(engine: GradientOwner, max_norm: float | None, *,
     sq = float(total[0])
     if engine.replicated.trainable:
         scale = 1.0 / (engine.collectives.world_size * loss_scale)
-        engine.replicated.set_grads(total[1 + n_extra :], scale)
-        sq += sum(float(m.grad.pow(2).sum()) for m in engine.replicated.masters)
+        bucket = total[1 + n_extra :]
+        engine.replicated.set_grads(bucket, scale)
+        sq += float(bucket.pow(2).sum()) * scale * scale  # one reduction, not one per parameter
         grads += [m.grad for m in engine.replicated.masters]
     norm = math.sqrt(sq)
     if max_norm is not None and max_norm > 0:
