@@ -35,7 +35,6 @@ from concurrent.futures import Future
 import grpc
 import torch
 
-from communication.accumulator import Expectation, MissingContributions, Mode
 from communication.codec import DTYPE_NAMES, get_codec
 from communication.collectives import CollectiveError, Key, Phase, completed
 from communication.encoding import encode_parts
@@ -43,6 +42,7 @@ from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
 from communication.peer_loss import PeerLoss
 from communication.proto import zerop2p_pb2 as pb
+from communication.slot import Expectation, MissingContributions, Mode
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from communication.accumulator import Accumulator, ContributionError, Slot
+from communication.accumulator import Accumulator
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
 from communication.framing import parse_chunk, parse_frame
 from communication.proto import zerop2p_pb2 as pb
+from communication.slot import ContributionError, Slot
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from communication.accumulator import (
-    Accumulator,
-    ContributionError,
-    Expectation,
-    MissingContributions,
-    Mode,
-)
+from communication.accumulator import Accumulator
+from communication.slot import ContributionError, Expectation, MissingContributions, Mode
 
 
 def expect(key="g1/s0/u0/m0/reduce_scatter", *, n=5, w=3, dtype=torch.float32, mode=Mode.SUM):

@@ -12,12 +12,13 @@ import grpc
 import pytest
 import torch
 
-from communication.accumulator import Accumulator, Expectation, Mode
+from communication.accumulator import Accumulator
 from communication.auth import TlsConfig
 from communication.codec import as_bytes
 from communication.peer_client import PeerCallError, PeerClient
 from communication.peer_server import PeerServicer, create_server
 from communication.proto import zerop2p_pb2 as pb
+from communication.slot import Expectation, Mode
 
 KEY = "g3/s0/u0/m0/reduce_scatter"
 
