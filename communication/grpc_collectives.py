@@ -18,16 +18,20 @@ encode/decode), and never takes the ring (forwarding would re-encode). A lossy r
 with ``feedback`` adds the sender's residual to each outgoing part and keeps what the codec lost
 (error feedback); the part a rank keeps for itself is never encoded, so its residual stays 0.
 ``bytes_sent`` counts every payload and header byte this rank pushed, by phase.
+A collective completes on receipt: once every contribution is in this rank's slot and every
+send has handed its bytes to gRPC, not when the peers acknowledge (completion.py).
 Large contributions are cut into ranges sent on parallel streams (MAX_STREAMS, from the core
 count) so encoding, the wire and the receiver's copies overlap; each stream carries ~1 MiB chunks.
 
 Inputs are held by reference (raw codec is zero-copy): callers must not modify a tensor they
-passed until its future is done. Tensors on CUDA travel through CPU and come back to their device.
+passed until its future is done (by then gRPC holds its own copy). Tensors on CUDA travel
+through CPU and come back to their device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from concurrent.futures import Future
@@ -37,6 +41,7 @@ import torch
 
 from communication.codec import DTYPE_NAMES, get_codec
 from communication.collectives import CollectiveError, Key, Phase, completed
+from communication.completion import complete, handed_or_failed, set_when_all
 from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
@@ -198,9 +203,11 @@ class GrpcCollectives:
         return self.transport.accumulator.open(exp)
 
     async def _push(self, key: Key, dest: int, origin: int, t: torch.Tensor,
-                    deadline: float, codec, wire: torch.Tensor | None = None) -> None:
+                    deadline: float, codec, wire: torch.Tensor | None = None,
+                    handed: asyncio.Event | None = None) -> None:
         """Stream t (origin's contribution) to rank dest, split over parallel ranges if big;
-        ``wire`` is t already encoded with ``codec`` (encoded here when not given)."""
+        ``wire`` is t already encoded with ``codec`` (encoded here when not given). ``handed``
+        is set once gRPC holds every byte; returns on the peer's acknowledgement."""
         if wire is None:
             wire = codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
         client = self.transport.client(self.peers[dest])
@@ -216,37 +223,31 @@ class GrpcCollectives:
                                    codec=codec.name)
         headers = [header(a, b) for a, b in ranges]
         self.bytes_sent[key.phase] += n + sum(h.ByteSize() for h in headers)
+        loop = asyncio.get_running_loop()
+        out = [asyncio.Event() for _ in ranges] if handed is not None else [None] * len(ranges)
+        calls = [loop.create_task(client.push(h, wire[a:b], deadline=deadline,
+                                              unavailable_for=LOST_AFTER, handed=e))
+                 for h, (a, b), e in zip(headers, ranges, out)]
+        watch = None if handed is None else loop.create_task(set_when_all(out, handed))
         try:
-            await asyncio.gather(*(client.push(h, wire[a:b], deadline=deadline,
-                                               unavailable_for=LOST_AFTER)
-                                   for h, (a, b) in zip(headers, ranges)))
+            await asyncio.gather(*calls)
+            if handed is not None:
+                handed.set()  # a reply before the last chunk went out (cannot happen: insurance)
         except PeerCallError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
                 self._loss.mark(dest)
             raise CollectiveError(
                 f"{key} on rank {self.rank}: peer rank {dest} at {self.peers[dest]} did not "
                 f"take our contribution: {exc}", rank=dest, address=self.peers[dest]) from None
+        finally:
+            for task in (*calls, *([watch] if watch else [])):
+                task.cancel()
 
     async def _finish(self, slot, sends: list) -> torch.Tensor:
-        """Run the sends and the wait together; the first failure cancels the rest; a peer
-        found gone by any collective fails this one too."""
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(s) for s in sends]
-        tasks.append(loop.create_task(slot.wait(self.timeout)))
-        work = asyncio.gather(*tasks)
-        lost = loop.create_task(self._loss.raise_when_lost(slot.expectation.key))
-        try:
-            await asyncio.wait([work, lost], return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                work.result()  # the first failure of a send or of the wait, if any
-            else:
-                lost.result()
-        finally:
-            for task in (*tasks, lost):
-                task.cancel()
-            if work.done() and not work.cancelled():
-                work.exception()  # consumed: no "exception never retrieved" warning
-        result = slot.result()
+        """The slot's result once complete (completion.py); sends still awaiting their
+        acknowledgement go on in the transport, a late refusal marking the peer."""
+        result = await complete(slot, sends, timeout=self.timeout, loss=self._loss,
+                                hold=self.transport.hold)
         self.transport.accumulator.close(slot.expectation.key, finished=True)
         return result
 
@@ -263,8 +264,8 @@ class GrpcCollectives:
         own, wires = encode_parts(parts, rank=self.rank, dests=order, codec=codec,
                                   feedback=feedback)
         slot.put(self.rank, own.view(shape))
-        sends = [self._push(key, r, self.rank, parts[r].view(shape), deadline, codec, wires[r])
-                 for r in order]
+        sends = [functools.partial(self._push, key, r, self.rank, parts[r].view(shape), deadline,
+                                   codec, wires[r]) for r in order]
         out = await self._finish(slot, sends)
         return None if mode is Mode.CONCAT and shape == (0,) else out
 
@@ -273,7 +274,8 @@ class GrpcCollectives:
         deadline = asyncio.get_running_loop().time() + self.timeout
         slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype,
                           source=(self.rank - 1) % w)
-        send = self._push(key, (self.rank + 1) % w, self.rank, src, deadline, RAW)  # masters
+        send = functools.partial(self._push, key, (self.rank + 1) % w, self.rank, src, deadline,
+                                 RAW)  # masters
         return await self._finish(slot, [send])
 
     def _send_order(self) -> list[int]:
@@ -290,10 +292,22 @@ class GrpcCollectives:
         slot.put(self.rank, src)
         w, nxt = self.world_size, (self.rank + 1) % self.world_size
 
-        async def forward():
+        async def forward(handed: asyncio.Event):
+            """Forward each shard once it arrived and the previous one is out (not acked)."""
+            loop, pushes = asyncio.get_running_loop(), []
             for step in range(w - 1):
                 origin = (self.rank - step) % w
                 await slot.arrived(origin)
-                await self._push(key, nxt, origin, slot.buffer(origin), deadline, RAW)
+                out = asyncio.Event()
+                pushes.append(loop.create_task(self._push(key, nxt, origin, slot.buffer(origin),
+                                                          deadline, RAW, handed=out)))
+                await handed_or_failed(pushes[-1], out)
+            handed.set()
+            try:
+                await asyncio.gather(*pushes)
+            finally:
+                for push in pushes:
+                    push.cancel()
 
-        return await self._finish(slot, [forward()])
+        return await self._finish(slot, [forward])
+

@@ -21,6 +21,7 @@ from communication.peer_server import PeerServicer, create_server
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 30.0  # close() lets sends awaiting their acknowledgement finish this long
 
 
 class GrpcTransport:
@@ -34,6 +35,7 @@ class GrpcTransport:
         self.generation = 0
         self.rank = -1
         self._clients: dict[str, PeerClient] = {}
+        self._unacknowledged: set[asyncio.Task] = set()
         self._loop_thread = LoopThread("grpc-transport")
         self.loop = self._loop_thread.loop
         self.accumulator, self.servicer, self._server, self.port = self.call(
@@ -67,6 +69,12 @@ class GrpcTransport:
             client = self._clients[address] = PeerClient(address, token=self.token, tls=self.tls)
         return client
 
+    def hold(self, send: asyncio.Task) -> None:
+        """Keep a send whose collective completed until its acknowledgement (loop thread);
+        ``close`` waits for them, since closing a channel would cut bytes still queued."""
+        self._unacknowledged.add(send)
+        send.add_done_callback(self._unacknowledged.discard)
+
     def bind(self, *, rank: int, generation: int) -> None:
         """Serve one generation as ``rank``; contributions from older generations are refused
         from now on (``GrpcCollectives.bind`` calls it)."""
@@ -87,12 +95,17 @@ class GrpcTransport:
         self._closed = True
 
         async def stop():
+            if self._unacknowledged:
+                _, late = await asyncio.wait(set(self._unacknowledged), timeout=DRAIN_TIMEOUT)
+                if late:
+                    log.warning("transport on port %d: %d send(s) unacknowledged after %.0fs",
+                                self.port, len(late), DRAIN_TIMEOUT)
             await self._server.stop(grace=1.0)
             for client in self._clients.values():
                 await client.close()
 
         try:
-            self.call(stop(), timeout=10.0)
+            self.call(stop(), timeout=DRAIN_TIMEOUT + 10.0)
         except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
             log.warning("transport on port %d did not stop cleanly: %s", self.port, exc)
         self._loop_thread.stop(timeout=10.0)

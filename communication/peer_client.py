@@ -63,27 +63,39 @@ class PeerClient:
             response_deserializer=pb.PushReply.FromString)
         self._metadata = token_metadata(token)
 
-    def _frames(self, header: pb.TensorHeader, wire: torch.Tensor):
-        """The header, then the bytes in chunks (one copy each into the serialised frame)."""
+    def _frames(self, header: pb.TensorHeader, wire: torch.Tensor,
+                handed: asyncio.Event | None):
+        """The header, then the bytes in chunks (one copy each into the serialised frame);
+        ``handed`` is set when gRPC asks past the last chunk (grpc.aio iterates on the loop)."""
         yield header_frame(header)
         view = memoryview(wire.numpy())
         for start in range(0, len(view), self.chunk_bytes):
             yield data_frame(view[start:start + self.chunk_bytes])
+        if handed is not None:
+            handed.set()
 
     async def push(self, header: pb.TensorHeader, wire: torch.Tensor, *, deadline: float,
-                   unavailable_for: float | None = None) -> pb.PushReply:
+                   unavailable_for: float | None = None,
+                   handed: asyncio.Event | None = None) -> pb.PushReply:
         """Send one contribution (or byte range) to the peer before loop time ``deadline``;
-        give up after ``unavailable_for`` seconds of the peer refusing connections."""
+        give up after ``unavailable_for`` seconds of the peer refusing connections.
+
+        ``handed`` is set once every byte of ``wire`` is copied into gRPC: the caller may
+        reuse ``wire`` from then on while the acknowledgement is still on its way. A stream
+        that breaks after that is not retried (a retry would read ``wire`` again); one
+        message (PushOne) owns its copy and may be."""
         if wire.numel() <= self.chunk_bytes:
             message = chunk_message(header, memoryview(wire.numpy()))
+            if handed is not None:
+                handed.set()
             return await self._retrying(
                 "PushOne", lambda timeout: self._push_one(message, timeout=timeout,
                                                           metadata=self._metadata),
                 deadline, f"key {header.key}", unavailable_for)
         return await self._retrying(
-            "Push", lambda timeout: self._push(self._frames(header, wire), timeout=timeout,
-                                               metadata=self._metadata), deadline,
-            f"key {header.key}", unavailable_for)
+            "Push", lambda timeout: self._push(self._frames(header, wire, handed),
+                                               timeout=timeout, metadata=self._metadata),
+            deadline, f"key {header.key}", unavailable_for, no_retry_after=handed)
 
     async def ping(self, generation: int, sender: int, *, timeout: float) -> pb.PingReply:
         """Liveness and generation of the peer."""
@@ -94,7 +106,8 @@ class PeerClient:
             deadline, "ping")
 
     async def _retrying(self, method: str, call, deadline: float, what: str,
-                        unavailable_for: float | None = None):
+                        unavailable_for: float | None = None,
+                        no_retry_after: asyncio.Event | None = None):
         loop = asyncio.get_running_loop()
         delay, attempt = BACKOFF_START, 0
         give_up = deadline if unavailable_for is None else min(
@@ -110,7 +123,9 @@ class PeerClient:
                 return await call(remaining)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code != grpc.StatusCode.UNAVAILABLE or loop.time() + delay >= give_up:
+                spent = no_retry_after is not None and no_retry_after.is_set()
+                if (code != grpc.StatusCode.UNAVAILABLE or spent
+                        or loop.time() + delay >= give_up):
                     raise PeerCallError(f"{method} {what} to {self.address} failed: "
                                         f"{code.name}: {exc.details()}", address=self.address,
                                         code=code) from None
