@@ -37,6 +37,7 @@ from worker.models.blocks import find_block_modules
 from worker.models.dtypes import compute_dtype
 from worker.models.loading import build_model
 from worker.models.lora import apply_lora
+from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
 from worker.train.config import TrainConfig
 from worker.train.traffic import replicate_frozen
@@ -104,10 +105,25 @@ def build_data(train: TrainConfig) -> PackedText | ClassificationData:
     return PackedText(train.data, tokenizer)
 
 
-def build_trainable_model(train: TrainConfig, data) -> torch.nn.Module:
-    """The (LoRA-wrapped) model for ``data``'s vocabulary, identical on every rank for one seed."""
-    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size)
-    return apply_lora(model, train.lora) if train.lora is not None else model
+def build_trainable_model(train: TrainConfig, data, *, on_meta: bool = False) -> torch.nn.Module:
+    """The (LoRA-wrapped) model for ``data``'s vocabulary, identical on every rank for one seed.
+
+    A preset is built on the meta device and LoRA applied there; ``on_meta`` leaves it so for
+    ``shard_for_training`` to fill unit by unit, otherwise it is filled here, with the same
+    values (meta.py)."""
+    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size, on_meta=True)
+    if train.lora is not None:
+        model = apply_lora(model, train.lora)
+    if not on_meta and is_on_meta(model):
+        materialize_all(model, **_init_seeds(train))
+    return model
+
+
+def _init_seeds(train: TrainConfig) -> dict:
+    """The per-module init of meta.py for ``train``'s model and adapters."""
+    lora = train.lora
+    return {"seed": train.model.seed, "lora_init": None if lora is None else lora.init_lora_weights,
+            "lora_seed": 0 if lora is None else lora.seed}
 
 
 def shard_for_training(train: TrainConfig, model, collectives: Collectives, generation: int,
@@ -130,8 +146,9 @@ def shard_for_training(train: TrainConfig, model, collectives: Collectives, gene
                          replicate_frozen=replicate,
                          error_feedback=traffic.error_feedback and lossy_grads,
                          persist_threshold=traffic.persist_threshold)
+    fill = MetaInit(model, blocks=blocks, **_init_seeds(train)) if is_on_meta(model) else None
     return shard_model(model, collectives=collectives, config=config, block_names=blocks,
-                       observers=observers)
+                       observers=observers, materialize=fill)
 
 
 def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,
@@ -172,7 +189,7 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
         if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
             publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
                            rank=gen.rank, timeout=cfg.train.timeout)
-        model = build_trainable_model(cfg.train, data)
+        model = build_trainable_model(cfg.train, data, on_meta=True)
         engine = shard_for_training(cfg.train, model, collectives, gen.generation, observers)
 
         def on_step(done) -> None:

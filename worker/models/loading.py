@@ -1,7 +1,8 @@
 """Models: a preset built from its config, or a local ``from_pretrained`` directory, offline.
 
-Every build is deterministic (the global torch seed is set to ``config.seed`` first), so two
-processes build bit-identical models.
+Every build is deterministic, so two processes build bit-identical models: a preset is built on
+the meta device and initialised per module from ``config.seed`` (meta.py), which a sharded
+worker does unit by unit and everyone else at once; a directory is loaded whole.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from worker.models.config import ModelConfig
 from worker.models.dtypes import DTYPES
+from worker.models.meta import build_on_meta, materialize_all
 from worker.models.presets import PRESETS, preset_config, set_dropout
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,20 @@ def _load_local(config: ModelConfig, path: Path, vocab_size: int) -> nn.Module:
     return model
 
 
-def build_model(config: ModelConfig, *, vocab_size: int,
-                pad_token_id: int | None = None) -> nn.Module:
+def build_model(config: ModelConfig, *, vocab_size: int, pad_token_id: int | None = None,
+                on_meta: bool = False) -> nn.Module:
     """A preset built from its config, or a local directory loaded offline; seeded, in train mode.
 
     ``vocab_size`` sizes a preset's embeddings (and is checked against a loaded model);
-    ``pad_token_id`` defaults to ``vocab_size - 1``, the byte tokenizer's end-of-text id."""
+    ``pad_token_id`` defaults to ``vocab_size - 1``, the byte tokenizer's end-of-text id.
+    ``on_meta`` leaves a preset's parameters on the meta device, for ``meta.MetaInit``."""
     torch.manual_seed(config.seed)
     if config.name in PRESETS:
         hf_config = preset_config(config, vocab_size=vocab_size, pad_token_id=pad_token_id)
-        model = _auto_class(config.task).from_config(hf_config).to(DTYPES[config.dtype])
+        cls = _auto_class(config.task)
+        model = build_on_meta(lambda: cls.from_config(hf_config)).to(DTYPES[config.dtype])
+        if not on_meta:
+            materialize_all(model, seed=config.seed)
     elif Path(config.name).is_dir():
         model = _load_local(config, Path(config.name), vocab_size)
     else:
