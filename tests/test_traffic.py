@@ -95,3 +95,49 @@ def test_error_feedback_keeps_what_int8_lost_and_sends_it_next_time(transports):
             assert torch.equal(feedback[0][: numel // 2], torch.zeros(numel // 2))  # own part
         errors[with_feedback] = float((got - true).abs().sum())
     assert errors[True] < errors[False], errors
+
+
+def test_without_error_feedback_int8_gradients_converge_measurably_worse(transports):
+    """A training loop at its smallest: SGD on a quadratic whose curvatures span 1000x inside
+    every int8 block (as a weight matrix's gradient does next to a bias's), gradients reduce-
+    scattered in int8 and parameters all-gathered raw over real gRPC. The measure is the loss
+    left above the minimum after 200 steps (0.06% of where it started for the exact run): with
+    error feedback within 10% of the exact run's, without it elements below half a quantum
+    round to 0 step after step and over twice as much is left (measured: +5%, +267%)."""
+    n, numel, steps, lr = 2, 2 * 1024, 200, 0.9
+    gen = torch.Generator().manual_seed(0)
+    curv = torch.logspace(-3, 0, numel)[torch.randperm(numel, generator=gen)]
+    targets = [torch.randn(numel, generator=gen) for _ in range(n)]
+
+    best = sum(targets) / n  # the minimiser
+
+    def loss(x: torch.Tensor) -> float:
+        """Excess loss over the minimum (the part training can remove)."""
+        return float(sum(0.5 * (curv * ((x - t) ** 2 - (best - t) ** 2)).sum() for t in targets))
+
+    final = {}
+    for name, codec, with_feedback in (("raw", "raw", False), ("int8_ef", "int8", True),
+                                       ("int8_no_ef", "int8", False)):
+        ranks = group(transports, n, grad_codec=codec)
+        feedback = [torch.zeros(numel) if with_feedback else None for _ in range(n)]
+        x = torch.zeros(numel)
+        for step in range(steps):
+            key = Key(generation=ranks[0].generation, phase=Phase.REDUCE_SCATTER, step=step,
+                      unit=0, micro_batch=0)
+            grads = [curv * (x - t) for t in targets]  # each rank's gradient on its own data
+            owned = wait_all([c.reduce_scatter(key, g, feedback=f)
+                              for c, g, f in zip(ranks, grads, feedback)], key)
+            shards = [x[r * numel // n:(r + 1) * numel // n] - lr * owned[r] for r in range(n)]
+            gkey = Key(generation=ranks[0].generation, phase=Phase.GATHER_FORWARD, step=step,
+                       unit=0, micro_batch=0)
+            rows = wait_all([c.all_gather(gkey, s) for c, s in zip(ranks, shards)], gkey)
+            assert torch.equal(rows[0], rows[1])
+            x = rows[0]
+        final[name] = loss(x)
+    start = loss(torch.zeros(numel))
+    gaps = {k: (v - final["raw"]) / final["raw"] for k, v in final.items()}
+    print(f"quadratic after {steps} steps (from {start:.1f}):",
+          ", ".join(f"{k} {v:.4f} ({gaps[k]:+.2%})" for k, v in final.items()))
+    assert final["raw"] < 0.5 * start, "the exact run did not learn"
+    assert abs(gaps["int8_ef"]) < 0.10, gaps
+    assert gaps["int8_no_ef"] > 1.0, gaps  # measurably worse, far beyond the EF run's noise
