@@ -102,3 +102,70 @@ def test_the_engine_fills_a_meta_model_unit_by_unit_with_the_same_values():
         assert all(torch.equal(got[n], want[n]) for n in shared)
     finally:
         coll.close()
+
+
+def saved(tmp_path, name: str, *, shard: str | None) -> str:
+    """A preset written as a from_pretrained directory (several shards and an index if
+    ``shard`` is a size like "60KB")."""
+    model = build_model(ModelConfig(name=name, task=TASK.get(name, "causal-lm"), n_layer=3),
+                        vocab_size=V)
+    path = tmp_path / f"{name}-{shard}"
+    model.save_pretrained(str(path), max_shard_size=shard or "10GB")
+    return str(path)
+
+
+def from_directory(path: str, *, lora: bool = False, units: bool = False, seed: int = 0):
+    from worker.models.loading import local_weights
+
+    cfg = ModelConfig(name=path, task="causal-lm", seed=seed)
+    model = build_model(cfg, vocab_size=V, on_meta=True)
+    assert is_on_meta(model)
+    if lora:
+        model = apply_lora(model, LORA)
+    weights = local_weights(cfg)
+    if units:
+        blocks = find_block_modules(model)
+        init = MetaInit(model, seed=seed, blocks=blocks, lora_init=True if lora else None,
+                        weights=weights)
+        for spec in reversed(discover_units(model, blocks)):
+            init(spec.module_name, list(spec.params))
+    else:
+        materialize_all(model, seed=seed, lora_init=True if lora else None, weights=weights)
+    return model
+
+
+@pytest.mark.parametrize("shard", [None, "60KB"], ids=["one-file", "sharded-index"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_directory_read_tensor_by_tensor_equals_from_pretrained(tmp_path, name, shard):
+    path = saved(tmp_path, name, shard=shard)
+    if shard:
+        assert (tmp_path / f"{name}-{shard}" / "model.safetensors.index.json").is_file()
+    want = build_model(ModelConfig(name=path), vocab_size=V).state_dict()  # from_pretrained
+    for units in (False, True):
+        got = from_directory(path, units=units).state_dict()
+        assert got.keys() == want.keys()
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, f"differs from from_pretrained at {bad[:3]}"
+    # LoRA on the meta-built base: the base is the directory's, the adapters start at zero delta
+    wrapped = from_directory(path, lora=True, units=True)
+    base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+            for k, v in wrapped.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], want[k]) for k in want if k in base)
+    assert len([k for k in want if k in base]) == len(want)
+
+
+def test_a_directory_that_does_not_fit_the_model_is_refused_by_name(tmp_path):
+    path = saved(tmp_path, "tiny-gpt2", shard="60KB")
+    index = tmp_path / "tiny-gpt2-60KB" / "model.safetensors.index.json"
+    import json
+
+    data = json.loads(index.read_text())
+    renamed = {k.replace("transformer.h.1.", "transformer.h.9."): v
+               for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps({**data, "weight_map": renamed}))
+    with pytest.raises(ValueError, match="none of unit 'transformer.h.1'"):
+        from_directory(path, units=True)
+    files = sorted(set(data["weight_map"].values()))
+    (tmp_path / "tiny-gpt2-60KB" / files[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match="absent"):
+        from_directory(path)

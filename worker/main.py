@@ -35,7 +35,7 @@ from worker.membership.client import Generation
 from worker.membership.facade import Membership
 from worker.models.blocks import find_block_modules
 from worker.models.dtypes import compute_dtype
-from worker.models.loading import build_model
+from worker.models.loading import build_model, local_weights
 from worker.models.lora import apply_lora
 from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
@@ -120,10 +120,10 @@ def build_trainable_model(train: TrainConfig, data, *, on_meta: bool = False) ->
 
 
 def _init_seeds(train: TrainConfig) -> dict:
-    """The per-module init of meta.py for ``train``'s model and adapters."""
+    """How meta.py fills ``train``'s model: per-module init seeds, adapters, a directory's files."""
     lora = train.lora
     return {"seed": train.model.seed, "lora_init": None if lora is None else lora.init_lora_weights,
-            "lora_seed": 0 if lora is None else lora.seed}
+            "lora_seed": 0 if lora is None else lora.seed, "weights": local_weights(train.model)}
 
 
 def shard_for_training(train: TrainConfig, model, collectives: Collectives, generation: int,

@@ -18,6 +18,7 @@ from worker.models.config import ModelConfig
 from worker.models.dtypes import DTYPES
 from worker.models.meta import build_on_meta, materialize_all
 from worker.models.presets import PRESETS, preset_config, set_dropout
+from worker.models.safetensors_weights import SafetensorsWeights
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _auto_class(task: str):
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
-def _load_local(config: ModelConfig, path: Path, vocab_size: int) -> nn.Module:
+def _load_local(config: ModelConfig, path: Path, vocab_size: int, on_meta: bool) -> nn.Module:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(path)!r} has no config.json: not a "
                                 "from_pretrained directory")
@@ -39,9 +40,12 @@ def _load_local(config: ModelConfig, path: Path, vocab_size: int) -> nn.Module:
     hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True,
                                            num_labels=config.num_labels)
     set_dropout(hf_config, config.dropout)
-    model = _auto_class(config.task).from_pretrained(str(path), config=hf_config,
-                                                     local_files_only=True,
-                                                     dtype=DTYPES[config.dtype])
+    cls = _auto_class(config.task)
+    if on_meta:  # filled from the files unit by unit (meta.py, safetensors_weights.py)
+        model = build_on_meta(lambda: cls.from_config(hf_config)).to(DTYPES[config.dtype])
+    else:
+        model = cls.from_pretrained(str(path), config=hf_config, local_files_only=True,
+                                    dtype=DTYPES[config.dtype])
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size > rows:
         raise ValueError(f"tokenizer has {vocab_size} ids but {path} embeds only {rows}")
@@ -54,7 +58,8 @@ def build_model(config: ModelConfig, *, vocab_size: int, pad_token_id: int | Non
 
     ``vocab_size`` sizes a preset's embeddings (and is checked against a loaded model);
     ``pad_token_id`` defaults to ``vocab_size - 1``, the byte tokenizer's end-of-text id.
-    ``on_meta`` leaves a preset's parameters on the meta device, for ``meta.MetaInit``."""
+    ``on_meta`` leaves the parameters on the meta device, for ``meta.MetaInit`` to fill (a
+    directory's from its safetensors files: ``local_weights``)."""
     torch.manual_seed(config.seed)
     if config.name in PRESETS:
         hf_config = preset_config(config, vocab_size=vocab_size, pad_token_id=pad_token_id)
@@ -63,7 +68,7 @@ def build_model(config: ModelConfig, *, vocab_size: int, pad_token_id: int | Non
         if not on_meta:
             materialize_all(model, seed=config.seed)
     elif Path(config.name).is_dir():
-        model = _load_local(config, Path(config.name), vocab_size)
+        model = _load_local(config, Path(config.name), vocab_size, on_meta)
     else:
         raise ValueError(f"model {config.name!r} is neither a preset ({sorted(PRESETS)}) nor an "
                          "existing local directory")
@@ -71,6 +76,13 @@ def build_model(config: ModelConfig, *, vocab_size: int, pad_token_id: int | Non
     log.info("built %s (%s, %s): %.2fM parameters", config.name, type(model).__name__,
              config.dtype, sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def local_weights(config: ModelConfig) -> SafetensorsWeights | None:
+    """The safetensors files of a local model directory (None for a preset)."""
+    if config.name in PRESETS:
+        return None
+    return SafetensorsWeights(config.name)
 
 
 def minilm_path() -> str | None:
