@@ -19,8 +19,16 @@ TOK = ByteTokenizer()
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    """Token stores go to a fresh directory, not the user's cache (store.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZEROP2P_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
-def stdlib_data() -> PackedText:
+def stdlib_data(data_cache) -> PackedText:
     return PackedText(DataConfig(seq_len=32, max_tokens=100_000, seed=3), TOK)
 
 

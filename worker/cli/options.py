@@ -52,11 +52,15 @@ OPTIONS: list[Opt] = [
     Opt("--hidden-size", "model.hidden_size", int, "hidden size of a preset model"),
     Opt("--num-heads", "model.num_heads", int, "attention heads of a preset model"),
     Opt("--seed", "model.seed", int, "seed of the model's initial weights"),
-    Opt("--data", "data.source", str, "stdlib (the Python standard library's source), a .txt or "
-        ".jsonl file, or a directory of text files"),
+    Opt("--data", "data.source", str, "stdlib (the Python standard library's source), a .txt, "
+        ".jsonl, .json or .parquet file, a datasets save_to_disk directory, or a directory of "
+        "text files"),
     Opt("--text-field", "data.text_field", str, "jsonl field holding the text"),
     Opt("--seq-len", "data.seq_len", int, "tokens per row"),
-    Opt("--max-tokens", "data.max_tokens", int, "cap on the tokens read"),
+    Opt("--max-tokens", "data.max_tokens", int, "cap on the tokens read (default: none, every "
+        "token)"),
+    Opt("--data-cache", "data.cache_dir", str, "directory of tokenised data stores (default: "
+        "$ZEROP2P_DATA_CACHE or ~/.cache/zerop2p/data)"),
     Opt("--data-seed", "data.seed", int, "seed of the batch order"),
     Opt("--optimizer", "optim.optimizer", str, "adamw or sgd"),
     Opt("--lr", "optim.lr", float, "peak learning rate"),

@@ -48,12 +48,17 @@ class RowSchedule:
         self._perms: dict[int, torch.Tensor] = {}
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The order rows are read in during ``epoch`` (the last few are cached)."""
+        """The order rows are read in during ``epoch``.
+
+        The two latest epochs are cached (a batch straddles at most two), as int32 when the
+        rows fit: this is the one per-rank cost that grows with the corpus (4 bytes a row)."""
         perm = self._perms.get(epoch)
         if perm is None:
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             perm = torch.randperm(self.num_rows, generator=gen)
-            if len(self._perms) >= 4:
+            if self.num_rows <= torch.iinfo(torch.int32).max:
+                perm = perm.to(torch.int32)
+            if len(self._perms) >= 2:
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = perm
         return perm

@@ -9,12 +9,17 @@ from dataclasses import dataclass
 class DataConfig:
     """Where text comes from and how it becomes rows; validated with the numbers."""
 
-    source: str = "stdlib"  # "stdlib" | .txt file | .jsonl file | directory of .txt/.md/.py
+    # "stdlib" | .txt file | .jsonl / .json / .parquet file | a datasets ``save_to_disk``
+    # directory | a directory of .txt/.md/.py files (corpus.py)
+    source: str = "stdlib"
     text_field: str = "text"
     label_field: str = "label"  # classification from .jsonl: an int label per line
     seq_len: int = 64  # tokens per row (labels = input_ids; HF models shift inside)
     eval_fraction: float = 0.05  # held-out tail
-    max_tokens: int | None = 2_000_000
+    max_tokens: int | None = None  # None: every token of the source; else the stream's cap
+    # where packed token stores live (store.py); None: $ZEROP2P_DATA_CACHE, else
+    # $XDG_CACHE_HOME/zerop2p/data, else ~/.cache/zerop2p/data
+    cache_dir: str | None = None
     max_examples: int | None = 4_000  # classification: examples kept in all
     seed: int = 0
 

@@ -1,9 +1,12 @@
-"""Where training text comes from: a .txt file, a .jsonl file, a directory, or the stdlib corpus.
+"""Where training text comes from: a text file, a .jsonl/.json/.parquet file, a ``datasets``
+``save_to_disk`` directory, a directory of text files, or the stdlib corpus.
 
 Every source yields documents (strings) in a fixed order, so every rank that reads the same
-source sees the same stream. The built-in corpus is the Python standard library's own ``.py``
-files: real text present on every machine with no download. It depends on the Python version,
-so ranks on different machines should compare ``PackedText.fingerprint`` before training.
+source sees the same stream. ``iter_pieces`` yields them in pieces of bounded size (a text file
+is one document, however large), so a corpus larger than RAM can be tokenised; ``iter_documents``
+joins the pieces. The built-in corpus is the Python standard library's own ``.py`` files: real
+text present on every machine with no download. It depends on the Python version, so ranks on
+different machines should compare ``PackedText.fingerprint`` before training.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from worker.data import hf_sources
+
 log = logging.getLogger(__name__)
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = (".txt", ".md", ".py")
+PIECE_CHARS = 1_000_000  # characters of a text file read at a time (4 MB as UCS-4 at most)
 STDLIB_MAX_BYTES = 4_000_000  # enough for every test and demo; read in a fraction of a second
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__",
                        "idle_test", "lib2to3"})
@@ -83,26 +89,87 @@ def directory_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_documents(source: str, *, text_field: str = "text") -> Iterator[str]:
-    """The documents of ``source``: 'stdlib', a .txt file (one document), a .jsonl file (one
-    per line, from ``text_field``), or a directory of text files (one per file)."""
+def file_pieces(path: Path, piece_chars: int | None = None) -> Iterator[tuple[str, bool]]:
+    """A text file as ``(piece, is_last)`` pieces whose concatenation is ``read_text(path)``.
+
+    Text mode decodes incrementally and translates newlines across piece boundaries exactly
+    as one whole read does, so a file of any size needs two pieces of memory (default
+    ``PIECE_CHARS`` characters each)."""
+    piece_chars = piece_chars or PIECE_CHARS
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        piece = fh.read(piece_chars)
+        while True:
+            following = fh.read(piece_chars) if piece else ""
+            yield piece, not following
+            if not following:
+                return
+            piece = following
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` strings of a JSON-lines file."""
+    for obj in iter_jsonl(path, field):
+        text = obj[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: field {field!r} holds {type(text).__name__}, "
+                             "expected a string")
+        yield text
+
+
+def _whole(texts: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    return ((text, True) for text in texts)
+
+
+def iter_pieces(source: str, *, text_field: str = "text",
+                piece_chars: int | None = None) -> Iterator[tuple[str, bool]]:
+    """The documents of ``source`` as ``(piece, ends_document)`` pairs, in the fixed order.
+
+    'stdlib'; a directory from ``save_to_disk`` (one document per row of ``text_field``); a
+    directory of text files (one per file); a .jsonl, .json or .parquet file (one per row, from
+    ``text_field``); any other file is one text document, read ``piece_chars`` at a time."""
     if source == STDLIB:
-        for path in stdlib_files():
-            yield read_text(path)
+        yield from _whole(read_text(path) for path in stdlib_files())
         return
     path = Path(source)
-    if path.is_dir():
+    if hf_sources.is_saved_dataset(path):
+        yield from _whole(hf_sources.saved_dataset_texts(path, text_field))
+    elif path.is_dir():
         for file in directory_files(path):
-            yield read_text(file)
+            yield from file_pieces(file, piece_chars)
     elif path.is_file() and path.suffix == ".jsonl":
-        for obj in iter_jsonl(path, text_field):
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: field {text_field!r} holds {type(text).__name__}, "
-                                 "expected a string")
-            yield text
+        yield from _whole(_jsonl_texts(path, text_field))
+    elif path.is_file() and path.suffix == ".json":
+        yield from _whole(hf_sources.json_texts(path, text_field))
+    elif path.is_file() and path.suffix == ".parquet":
+        yield from _whole(hf_sources.parquet_texts(path, text_field))
     elif path.is_file():
-        yield read_text(path)
+        yield from file_pieces(path, piece_chars)
     else:
         raise FileNotFoundError(f"data source {source!r} is neither 'stdlib' nor an existing "
                                 "file or directory")
+
+
+def iter_documents(source: str, *, text_field: str = "text") -> Iterator[str]:
+    """The documents of ``source`` (see ``iter_pieces``), each one whole string."""
+    parts: list[str] = []
+    for piece, last in iter_pieces(source, text_field=text_field):
+        parts.append(piece)
+        if last:
+            yield "".join(parts)
+            parts = []
+
+
+def source_files(source: str) -> list[Path]:
+    """Every file whose bytes make up ``source``, in a fixed order: what a cache key stats."""
+    if source == STDLIB:
+        return stdlib_files()
+    path = Path(source)
+    if hf_sources.is_saved_dataset(path):
+        return sorted((p for p in path.rglob("*") if p.is_file()),
+                      key=lambda p: p.relative_to(path).as_posix())
+    if path.is_dir():
+        return directory_files(path)
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"data source {source!r} is neither 'stdlib' nor an existing "
+                            "file or directory")

@@ -8,6 +8,8 @@ packed between documents), ``pad_token_id``, ``encode`` (no special tokens: for 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +75,10 @@ class HFTokenizer:
         # verbose=False: a whole document is longer than model_max_length, and that is fine here
         return self.hf(text, add_special_tokens=False, verbose=False)["input_ids"]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in one call (a fast tokenizer spreads it over threads)."""
+        return self.hf(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
     def encode_example(self, text: str, *, max_length: int) -> list[int]:
         return self.hf(text, truncation=True, max_length=max_length)["input_ids"]
 
@@ -81,6 +87,22 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.hf.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> str:
+    """A string that changes whenever ``tokenizer`` would give other ids: part of a store key.
+
+    A Hugging Face tokenizer is identified by its whole serialised vocabulary and rules (the
+    fast backend's JSON, else the sorted vocabulary), not by its directory's name."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "bytes-257"
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None:
+        return repr(tokenizer)
+    backend = getattr(hf, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(hf.get_vocab().items()))
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+    return f"hf:{type(hf).__name__}:{tokenizer.vocab_size}:{tokenizer.eos_token_id}:{digest}"
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:
