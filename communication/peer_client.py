@@ -17,12 +17,13 @@ import torch
 
 from communication.auth import TlsConfig, token_metadata
 from communication.framing import chunk_message, data_frame, header_frame
-from communication.peer_server import channel_options
+from communication.peer_server import MAX_CHUNK_BYTES, channel_options
 from communication.proto import zerop2p_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # measured sweet spot for gRPC streams on loopback
+CHUNK_BYTES = MAX_CHUNK_BYTES  # 1 MiB: the measured sweet spot on loopback, and what
+# the server's receive limit admits (a larger chunk is refused)
 BACKOFF_START = 0.05
 BACKOFF_CAP = 1.0
 

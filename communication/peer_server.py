@@ -5,7 +5,26 @@ message (contributions of at most one chunk). The header is validated against th
 the local rank opened for that key before any byte is read (INVALID_ARGUMENT naming the
 mismatch, nothing changed); the bytes are copied straight into the slot's preallocated buffer
 (raw codec) or into a staging buffer that is decoded once complete. A contribution may arrive as
-several byte ranges (offsets) on parallel streams; it counts once all its bytes are in.
+several byte ranges (offsets) on parallel streams, all with the codec of its first range; it
+counts once its ranges cover every byte. A range that overlaps or repeats one already in (or
+on its way) is refused, so coverage is exact: lengths adding up cannot hide a gap.
+
+[Note: bounds]
+What a peer, or anyone who can reach the port, can make this server hold or wait for:
+- one message: MAX_MESSAGE_BYTES, one chunk plus a header margin. gRPC refuses a larger one
+  from its length prefix, before reading it: a unary call's token refusal (auth.py) runs only
+  once its message is read, so this limit is what bounds an unauthenticated caller.
+- calls at once: MAX_CONCURRENT_RPCS (gRPC answers RESOURCE_EXHAUSTED beyond it).
+- per sender rank: ServerLimits.open_per_sender calls inside the servicer and
+  ServerLimits.bytes_per_sender bytes announced by them (RESOURCE_EXHAUSTED naming the cap,
+  the sender and the key).
+- time: a push waits for its key at most ServerLimits.max_wait, whatever the caller's deadline;
+  the wait ends when the call is cancelled or its generation superseded (accumulator.py), and a
+  partial contribution's receive state (and staging buffer) is dropped when its last range on
+  the way is cancelled or refused with none in.
+- a refused stream is drained (see ``_drain``) for at most MAX_DRAIN_BYTES / MAX_DRAIN_FRAMES /
+  DRAIN_WAIT.
+Undecodable messages are answered INVALID_ARGUMENT (framing.tolerant), never UNKNOWN.
 """
 
 from __future__ import annotations
@@ -13,33 +32,54 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import torch
 
-from communication.accumulator import Accumulator
+from communication.accumulator import Accumulator, CapReached, Incoming, SenderLedger
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
-from communication.framing import parse_chunk, parse_frame
+from communication.framing import Undecodable, parse_chunk, parse_frame, parser, tolerant
 from communication.proto import zerop2p_pb2 as pb
 from communication.slot import ContributionError, Slot
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # chunks are ~1 MiB; this only bounds a bad peer
-DEFAULT_WAIT = 60.0
-MAX_DRAIN_BYTES = 1 << 30  # a refused stream is read to its end, up to this much, then cut off
+# The largest payload one message carries: peer_client.CHUNK_BYTES (stated here because
+# peer_client imports this module; tests/test_peer_bounds.py checks that they agree). Bytes up
+# to one chunk go as one PushOne, more as a Push stream of chunks.
+MAX_CHUNK_BYTES = 1 << 20
+HEADER_MARGIN = 64 << 10  # a TensorHeader (key, shape, names) plus field prefixes: < 1 KiB
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + HEADER_MARGIN
+# Legitimate peak per peer: MAX_STREAMS (<= 4) ranges for each of the ~3 keys a sender can be
+# ahead by (collectives complete on receipt), plus pings: ~13. 128 serves ~9 peers at that
+# peak, and bounds what a flood of calls can hold to ~128 messages of MAX_MESSAGE_BYTES.
+MAX_CONCURRENT_RPCS = 128
+DEFAULT_WAIT = 60.0  # a call without a deadline waits this long for its key
+MAX_WAIT = 300.0  # and one with a deadline at most this long: 5x the default collective timeout
+MAX_OPEN_PER_SENDER = 32  # ~2.5x the legitimate peak above
+MAX_BYTES_PER_SENDER = 2 << 30  # a sender's contributions to its keys in flight, with room
+# A refused stream is read on (and dropped) before the answer, so the status reaches the
+# client (see _drain): 8 chunks, 5 s at most. A longer one sees its call cut off instead.
+MAX_DRAIN_BYTES = 8 * MAX_CHUNK_BYTES
+MAX_DRAIN_FRAMES = 64
+DRAIN_WAIT = 5.0
 
 
-class _Incoming:
-    """Receive state of one origin's contribution inside a slot (its byte ranges so far)."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerLimits:
+    """The per-call and per-sender bounds of one servicer (the note above)."""
 
-    __slots__ = ("wire", "ranges", "total")
+    max_wait: float = MAX_WAIT
+    open_per_sender: int = MAX_OPEN_PER_SENDER
+    bytes_per_sender: int = MAX_BYTES_PER_SENDER
 
-    def __init__(self, total: int, wire: torch.Tensor):
-        self.total = total
-        self.wire = wire  # uint8 destination of the encoded bytes
-        self.ranges: dict[int, int] = {}
+    def __post_init__(self) -> None:
+        if not (self.max_wait > 0 and self.open_per_sender > 0 and self.bytes_per_sender > 0):
+            raise ValueError(f"invalid server limits: max_wait({self.max_wait}), "
+                             f"open_per_sender({self.open_per_sender}) and "
+                             f"bytes_per_sender({self.bytes_per_sender}) must all be > 0")
 
 
 class PeerServicer:
@@ -49,18 +89,25 @@ class PeerServicer:
     whose grpcio version guard would refuse older runtimes (none are generated)."""
 
     def __init__(self, accumulator: Accumulator, *, rank: Callable[[], int],
-                 generation: Callable[[], int]):
+                 generation: Callable[[], int], limits: ServerLimits | None = None):
         self._acc = accumulator
         self._rank = rank
         self._generation = generation
-        self._incoming: dict[tuple[str, int], _Incoming] = {}
+        self.limits = limits or ServerLimits()
+        self.ledger = SenderLedger(open_calls=self.limits.open_per_sender,
+                                   in_flight_bytes=self.limits.bytes_per_sender)
+        self._incoming: dict[tuple[str, int], Incoming] = {}
 
     async def Ping(self, request, context):  # noqa: N802 - gRPC method name
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Ping: {request.reason}")
         return pb.PingReply(rank=self._rank(), generation=self._generation())
 
     async def Push(self, request_iterator, context):  # noqa: N802 - gRPC method name
         try:
             h = await anext(aiter(request_iterator), None)
+            if isinstance(h, Undecodable):
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"Push: {h.reason}")
             if not isinstance(h, pb.TensorHeader):
                 raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
             reply = await self._receive(h, request_iterator, context)
@@ -72,86 +119,113 @@ class PeerServicer:
         return reply
 
     async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
-        h, data = request
         try:
+            if isinstance(request, Undecodable):
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"PushOne: {request.reason}")
+            h, data = request
             if h is None:
                 raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
-            return await self._receive(h, _once(data), context)
+            return await self._receive(h, _once(data), context, held=len(data))
         except _PushRefused as refusal:
             await context.abort(refusal.code, refusal.message)
 
-    async def _receive(self, h: pb.TensorHeader, data_frames, context) -> pb.PushReply:
+    async def _receive(self, h: pb.TensorHeader, data_frames, context, held: int = 0
+                       ) -> pb.PushReply:
         """Validate ``h`` against its slot, copy the frames' bytes into place, count them.
-        Raises _PushRefused (the caller answers it); a duplicate's frames are left unread."""
+        Raises _PushRefused (the caller answers it); a duplicate's frames are left unread.
+        ``held``: bytes of this call already in memory (PushOne's)."""
+        who = f"key {h.key} sender {h.sender}"
+        if h.offset < 0 or h.total_bytes < 0:
+            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{who}: byte range offset {h.offset}, length {h.total_bytes}")
         current = self._generation()
         if h.generation < current:
             raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"key {h.key} sender {h.sender}: generation expected {current}, "
-                           f"actual {h.generation} (stale)")
-        wait = context.time_remaining() or DEFAULT_WAIT
+                               f"{who}: generation expected {current}, actual {h.generation} "
+                               f"(stale)")
         try:
-            slot = await self._acc.slot(h.key, wait)
+            held_here = self.ledger.hold(h.sender, max(h.total_bytes, held), key=h.key)
+        except CapReached as exc:
+            raise _PushRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        with held_here:
+            slot = await self._slot(h, context)
+            if slot is None or slot.has(h.origin):
+                return pb.PushReply(received_bytes=0, duplicate=True)
+            try:
+                incoming = self._validate(slot, h)
+            except ContributionError as exc:
+                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            try:
+                pos = await incoming.write(h, data_frames)
+            except BaseException as exc:  # refused, broken or cancelled: the range is not in
+                if incoming.release(h.offset):
+                    self._drop(slot, h, incoming)
+                if isinstance(exc, ContributionError):
+                    raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise
+            whole = incoming.finish(h.offset)
+            if whole and self._incoming.get((h.key, h.origin)) is incoming:
+                self._complete(slot, h, incoming)
+            return pb.PushReply(received_bytes=pos)
+
+    async def _slot(self, h: pb.TensorHeader, context) -> Slot | None:
+        """h's slot once the local rank opens it, waiting at most the caller's deadline and
+        never more than limits.max_wait."""
+        remaining = context.time_remaining()
+        wait = min(self.limits.max_wait, DEFAULT_WAIT if remaining is None else max(remaining, 0))
+        try:
+            return await self._acc.slot(h.key, wait, generation=h.generation)
         except TimeoutError:
             raise _PushRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"key {h.key}: rank {self._rank()} never opened it") from None
-        if slot is None or slot.has(h.origin):
-            return pb.PushReply(received_bytes=0, duplicate=True)
-        try:
-            incoming = self._validate(slot, h)
+                               f"key {h.key} sender {h.sender}: rank {self._rank()} did not open "
+                               f"it within {wait:.3g}s (server cap {self.limits.max_wait:.0f}s)"
+                               ) from None
         except ContributionError as exc:
-            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        dest = memoryview(incoming.wire[h.offset:h.offset + h.total_bytes].numpy())
-        pos = 0
-        async for data in data_frames:
-            if not isinstance(data, memoryview):
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"key {h.key} sender {h.sender}: a second header")
-            end = pos + len(data)
-            if end > h.total_bytes:
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"key {h.key} sender {h.sender}: more than the announced "
-                               f"{h.total_bytes} bytes")
-            dest[pos:end] = data
-            pos = end
-        if pos != h.total_bytes:
             raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"key {h.key} sender {h.sender}: expected {h.total_bytes} bytes, "
-                           f"actual {pos}")
-        if not slot.has(h.origin):
-            incoming.ranges[h.offset] = h.total_bytes
-            if sum(incoming.ranges.values()) == incoming.total:
-                self._complete(slot, h, incoming)
-        return pb.PushReply(received_bytes=pos)
+                               f"sender {h.sender}: {exc}") from None
 
-    def _validate(self, slot: Slot, h) -> _Incoming:
-        """Check the header against the slot; the receive state for its origin (created once)."""
+    def _validate(self, slot: Slot, h) -> Incoming:
+        """Check the header against the slot and claim its byte range in the receive state of
+        its origin (created by the first range); ContributionError changes nothing."""
         try:
             dtype = dtype_from_name(h.dtype)
             codec = get_codec(h.codec)
         except ValueError as exc:
             raise ContributionError(f"key {h.key} sender {h.sender}: {exc}") from None
         slot.check(sender=h.origin, generation=h.generation, shape=tuple(h.shape), dtype=dtype)
-        total = codec.wire_bytes(slot.expectation.numel, dtype)
-        if h.offset < 0 or h.offset + h.total_bytes > total:
-            raise ContributionError(
-                f"key {h.key} sender {h.sender}: byte range [{h.offset}, "
-                f"{h.offset + h.total_bytes}) outside the expected {total} bytes")
         ident = (h.key, h.origin)
         incoming = self._incoming.get(ident)
         if incoming is None:
+            total = codec.wire_bytes(slot.expectation.numel, dtype)
             dst = slot.buffer(h.origin)
-            raw = codec.name == "raw"
-            wire = dst.view(torch.uint8) if raw else torch.empty(total, dtype=torch.uint8)
-            incoming = self._incoming[ident] = _Incoming(total, wire)
+            wire = dst.view(torch.uint8) if codec.name == "raw" else torch.empty(
+                total, dtype=torch.uint8)
+            incoming = self._incoming[ident] = Incoming(codec.name, total, wire)
+        try:
+            incoming.claim(h)
+        except ContributionError:
+            if incoming.idle():  # the range was its first: forget it again
+                self._drop(slot, h, incoming)
+            raise
         return incoming
 
-    def _complete(self, slot: Slot, h, incoming: _Incoming) -> None:
-        codec = get_codec(h.codec)
+    def _complete(self, slot: Slot, h, incoming: Incoming) -> None:
+        codec = get_codec(incoming.codec)
         dst = slot.buffer(h.origin)
         if codec.name != "raw":
             dst.copy_(codec.decode(incoming.wire, slot.expectation.numel, dst.dtype))
         del self._incoming[(h.key, h.origin)]
         slot.commit(h.origin)
+
+    def _drop(self, slot: Slot, h, incoming: Incoming) -> None:
+        """Forget a receive state with nothing in or on its way, and its staging buffer."""
+        if self._incoming.get((h.key, h.origin)) is incoming:
+            del self._incoming[(h.key, h.origin)]
+            slot.discard(h.origin)
+
+    def receiving(self) -> int:
+        """How many contributions are partly received (0 once every receive has ended)."""
+        return len(self._incoming)
 
     def forget(self, key: str) -> None:
         """Drop partial receive state of a key that finished or failed."""
@@ -168,21 +242,27 @@ class _PushRefused(Exception):
 
 
 async def _drain(frames, context) -> None:
-    """Read and drop what the client still streams (up to MAX_DRAIN_BYTES, within the call's
-    deadline) before answering: a server that answers while the client is still writing can
-    have its status replaced by INTERNAL on the client's side (grpc/grpc#36066), losing the
-    message that names the problem."""
+    """Read and drop what the client still streams (up to MAX_DRAIN_BYTES in MAX_DRAIN_FRAMES
+    frames, within DRAIN_WAIT and the call's deadline) before answering: a server that answers
+    while the client is still writing can have its status replaced by INTERNAL on the client's
+    side (grpc/grpc#36066), losing the message that names the problem. Past the bounds the
+    answer goes out anyway (a long refused stream may then see INTERNAL or CANCELLED)."""
     async def read() -> None:
         seen = 0
-        async for frame in frames:
+        for _ in range(MAX_DRAIN_FRAMES):
+            frame = await anext(frames, None)
+            if frame is None:
+                return
             seen += len(frame) if isinstance(frame, memoryview) else 0
-            if seen > MAX_DRAIN_BYTES:
+            if seen >= MAX_DRAIN_BYTES:
                 return
 
+    remaining = context.time_remaining()
+    wait = DRAIN_WAIT if remaining is None else min(DRAIN_WAIT, max(remaining, 0))
     try:
-        await asyncio.wait_for(read(), context.time_remaining() or DEFAULT_WAIT)
+        await asyncio.wait_for(read(), wait)
     except asyncio.TimeoutError:
-        log.warning("a refused stream was still open at its deadline; answering anyway")
+        log.warning("a refused stream was still open after %.1fs; answering anyway", wait)
 
 
 async def _once(data: memoryview):
@@ -193,32 +273,34 @@ async def _once(data: memoryview):
 
 def _handlers(servicer: PeerServicer) -> grpc.GenericRpcHandler:
     """The Peer service with Push frames and PushOne chunks parsed by framing.py (zero-copy
-    data)."""
+    data); an undecodable message reaches the handler as framing.Undecodable."""
     return grpc.method_handlers_generic_handler("zerop2p.Peer", {
         "Push": grpc.stream_unary_rpc_method_handler(
-            servicer.Push, request_deserializer=parse_frame,
+            servicer.Push, request_deserializer=tolerant(parse_frame),
             response_serializer=pb.PushReply.SerializeToString),
         "PushOne": grpc.unary_unary_rpc_method_handler(
-            servicer.PushOne, request_deserializer=parse_chunk,
+            servicer.PushOne, request_deserializer=tolerant(parse_chunk),
             response_serializer=pb.PushReply.SerializeToString),
         "Ping": grpc.unary_unary_rpc_method_handler(
-            servicer.Ping, request_deserializer=pb.PingRequest.FromString,
+            servicer.Ping, request_deserializer=tolerant(parser(pb.PingRequest)),
             response_serializer=pb.PingReply.SerializeToString),
     })
 
 
 def channel_options() -> list[tuple[str, int]]:
-    """Explicit message size limits, shared by server and client."""
+    """Message size limits (MAX_MESSAGE_BYTES), shared by server and client."""
     return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 async def create_server(servicer: PeerServicer, *, host: str = "127.0.0.1", port: int = 0,
-                        token: str | None = None, tls: TlsConfig | None = None
+                        token: str | None = None, tls: TlsConfig | None = None,
+                        max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
                         ) -> tuple[grpc.aio.Server, int]:
     """Start the peer server; returns it and the bound port (port 0 picks a free one)."""
     interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=channel_options())
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options(),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers((_handlers(servicer),))
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, tls.server_credentials()) if tls

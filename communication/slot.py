@@ -138,6 +138,17 @@ class Slot:
             self._done.set_result(None)
         return True
 
+    def discard(self, sender: int) -> None:
+        """Give back the staging buffer of a contribution whose receive was abandoned
+        (cancelled or refused before any range of it was complete); a later push of it takes
+        a fresh one. No effect once sender arrived."""
+        if sender in self._arrived:
+            return
+        staged = self._staged.pop(sender, None)
+        if staged is not None and sender in self._pooled:
+            self._pooled.discard(sender)
+            self._pool.give(staged)
+
     def put(self, sender: int, tensor: torch.Tensor) -> bool:
         """Store a whole contribution (the local rank's own), validating it first."""
         self.check(sender=sender, generation=self.expectation.generation,
