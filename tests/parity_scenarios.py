@@ -54,6 +54,9 @@ SCENARIOS: dict[str, TrainConfig] = {
     "small_replicated": _cfg(traffic=TrafficConfig(persist_threshold=1000)),
     "lora_local": _cfg(lora=LoraSettings(rank=4, alpha=8.0),
                        traffic=TrafficConfig(frozen="replicate", persist_threshold=10_000)),
+    # Activation checkpointing: each block unit replayed in backward, its gather found in place.
+    "recompute": _cfg(activation_checkpointing=True, grad_accum=2),
+    "lora_recompute": _cfg(lora=LoraSettings(rank=4, alpha=8.0), activation_checkpointing=True),
 }
 # bf16 compute with int8 parameters on the wire: a wrong codec for a bf16 run, which the
 # mixed-precision check must reject (gRPC only: torch.distributed sends raw tensors).

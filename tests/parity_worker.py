@@ -69,7 +69,7 @@ def main() -> None:
         # Nobody sends for generation `gen` before every rank has created it.
         store.set(f"ready/{gen}/{rank}", "1")
         store.wait([f"ready/{gen}/{r}" for r in range(n)], WAIT)
-        data, model = build_data_and_model(cfg)
+        data, model = build_data_and_model(cfg, on_meta=True)  # filled unit by unit
         engine = shard_for_training(cfg, model, coll, gen)
         trainer = Trainer(cfg, engine=engine, data=data, rank=rank, world_size=n)
         trainer.run()
@@ -85,6 +85,7 @@ def main() -> None:
                 "grad_norms": [s.grad_norm for s in trainer.history],
                 "collective_counts": counts, "layouts": layouts,
                 "params_per_unit": [len(u.layout.slots) for u in engine.units],
+                "recomputed_units": engine.recomputed_units,
                 "bytes_sent": sum(getattr(coll, "bytes_sent", {}).values()),
                 "bytes_by_phase": {p.value: b for p, b in getattr(coll, "bytes_sent", {}).items()},
             }))

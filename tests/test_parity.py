@@ -93,6 +93,8 @@ def test_parity(run, name):
         assert counts["reduce_scatter"] <= units * steps * accum
         assert counts["gather_fwd"] + counts["gather_bwd"] <= 2 * units * steps * accum + units
     assert sum(result["params_per_unit"]) > units, "units should hold several parameters each"
+    replays = (units - 1) * steps * accum if SCENARIOS[name].activation_checkpointing else 0
+    assert result["recomputed_units"] == replays, "every block unit replays once per backward"
 
 
 def update_error(weights: dict, ref) -> float:

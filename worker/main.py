@@ -28,6 +28,7 @@ from worker.data.packing import PackedText
 from worker.data.tokenizer import load_tokenizer
 from worker.engine.config import ShardConfig
 from worker.engine.progress import NO_OBSERVERS, Observer, Observers
+from worker.engine.recompute import checkpoint_units
 from worker.engine.shard import shard_model
 from worker.engine.zero3 import Zero3Engine
 from worker.logs import set_rank
@@ -147,8 +148,11 @@ def shard_for_training(train: TrainConfig, model, collectives: Collectives, gene
                          error_feedback=traffic.error_feedback and lossy_grads,
                          persist_threshold=traffic.persist_threshold)
     fill = MetaInit(model, blocks=blocks, **_init_seeds(train)) if is_on_meta(model) else None
-    return shard_model(model, collectives=collectives, config=config, block_names=blocks,
-                       observers=observers, materialize=fill)
+    engine = shard_model(model, collectives=collectives, config=config, block_names=blocks,
+                         observers=observers, materialize=fill)
+    if train.activation_checkpointing:
+        checkpoint_units(engine)
+    return engine
 
 
 def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,

@@ -116,6 +116,9 @@ OPTIONS: list[Opt] = [
     Opt("--resume", "resume", _bool, "resume from the latest checkpoint when there is one"),
     Opt("--prefetch", "prefetch", _bool, "gather the next unit during this one's compute "
         "(false: less memory)"),
+    Opt("--activation-checkpointing", "activation_checkpointing", _bool, "keep only each "
+        "unit's inputs in forward and recompute the unit in backward: activation memory of one "
+        "unit instead of all, for one more forward per step"),
     Opt("--buddy", "buddy", _bool, "true: keep a replica of each rank's shard on the next rank, "
         "so a lost worker loses no step"),
 ]

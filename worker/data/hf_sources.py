@@ -61,7 +61,7 @@ def json_texts(path: Path, field: str) -> Iterator[str]:
 
 def saved_dataset_texts(path: Path, field: str) -> Iterator[str]:
     """The ``field`` column of a ``save_to_disk`` directory (a DatasetDict's train split)."""
-    import datasets  # lazy
+    import datasets  # lazy: datasets (pyarrow, pandas) only for these sources
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):

@@ -62,6 +62,7 @@ class Zero3Engine:
         self._sync_grads = True  # this backward reduce-scatters (False: keep grads locally)
         self.collective_counts: dict[Phase, int] = {p: 0 for p in Phase}
         self.peak_unsharded_bytes = 0  # most bytes of gathered full buffers alive at once
+        self.recomputed_units = 0  # forwards replayed in backward (activation checkpointing)
         self._install_hooks()
 
     # --- public API -------------------------------------------------------------------------
@@ -149,6 +150,17 @@ class Zero3Engine:
                                             step=self.step_index, unit=unit,
                                             micro_batch=self._forward_index))
 
+    @property
+    def replaying(self) -> bool:
+        """Whether a unit forward now is a replay inside backward (recompute.py)."""
+        return self.phase is EnginePhase.BACKWARD
+
+    def gather_now(self, unit: ShardedUnit, phase: Phase) -> None:
+        """Gather ``unit`` (if it is not) and wait for it."""
+        self._gather(unit, phase)
+        unit.wait_gathered(self.config.timeout)
+        self._track_peak()
+
     # --- hooks ------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         for unit in self.units:
@@ -169,10 +181,12 @@ class Zero3Engine:
 
     def _make_pre_forward(self, unit: ShardedUnit):
         def hook(module, args):
-            if self.phase not in (EnginePhase.FORWARD, EnginePhase.EVAL):
+            if self.phase is EnginePhase.BACKWARD:  # a replay whose checkpoint wraps __call__
+                self.recomputed_units += 1
+                return self.gather_now(unit, Phase.GATHER_BACKWARD)
+            if self.phase is EnginePhase.IDLE:
                 raise RuntimeError(f"rank {self.collectives.rank}: unit {unit.index} ran forward "
-                                   f"in engine phase {self.phase.value}; run the model through "
-                                   "Zero3Engine.forward (recomputation is not supported)")
+                                   "outside the engine; run the model through Zero3Engine.forward")
             self.publish(Activity.FORWARD, unit.index)
             self._gather(unit, Phase.GATHER_FORWARD)
             for nxt in range(unit.index + 1, min(unit.index + 1 + self.config.depth,
@@ -184,8 +198,8 @@ class Zero3Engine:
 
     def _make_post_forward(self, unit: ShardedUnit):
         def hook(module, args, output):
-            if unit.is_root:
-                return None  # the root wraps the whole model: freed after backward
+            if unit.is_root or self.phase is EnginePhase.BACKWARD:
+                return None  # the root is freed after backward; a replay frees nothing
             if self.config.reshard_after_forward or self.phase is EnginePhase.EVAL:
                 unit.free()
             if self.phase is EnginePhase.FORWARD:

@@ -44,6 +44,8 @@ class TrainConfig:
     resume: bool = True  # load the latest complete checkpoint in checkpoint_dir, if any
     buddy: bool = False  # replicate owned state on rank r+1 after every step (state/buddy.py)
     prefetch: bool = True  # gather the next unit while this one computes (two units alive)
+    # keep only each unit's inputs in forward and replay it in backward (engine/recompute.py)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
