@@ -9,6 +9,7 @@ and from then on contributions of older generations are refused.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from concurrent.futures import Future
 
@@ -41,6 +42,7 @@ class GrpcTransport:
         self.accumulator, self.servicer, self._server, self.port = self.call(
             self._start(host, port), timeout=START_TIMEOUT)
         self._closed = False
+        _warn_if_open(host, self.port, token=token, tls=tls)
 
     @property
     def address(self) -> str:
@@ -109,3 +111,20 @@ class GrpcTransport:
         except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
             log.warning("transport on port %d did not stop cleanly: %s", self.port, exc)
         self._loop_thread.stop(timeout=10.0)
+
+
+def _warn_if_open(host: str, port: int, *, token: str | None, tls: TlsConfig | None) -> None:
+    """Say loudly what anyone on the network can do to a server that is not loopback-only."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable
+        loopback = False
+    if loopback:
+        return
+    if tls is None:
+        log.warning("peer server on %s:%d speaks plain gRPC to the network: shards and the "
+                    "token travel unencrypted%s", host, port,
+                    "" if token else ", and with no token anyone who reaches it can push")
+    elif token is None:
+        log.warning("peer server on %s:%d has no token: anyone who reaches it can push", host,
+                    port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import sys
@@ -57,4 +58,14 @@ def run_coordinator(*, host: str | None = None, port: int | None = None, db: str
     if not token:
         log.warning("no token set: every route is open to anyone who can reach %s:%d",
                     host, actual)
+    if not _loopback(host):
+        log.warning("serving plain HTTP on %s:%d: the token and every request travel "
+                    "unencrypted to anyone on the path", host, actual)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable
+        return False

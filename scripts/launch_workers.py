@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.cluster.launcher import (  # noqa: E402
     kill_all,
+    new_token,
     spawn,
     start_coordinator,
     stop_all,
     supervise,
+    token_env,
     worker_argv,
 )
 
@@ -46,7 +48,8 @@ def main() -> int:
                     help="CPU workers to start (default: one per visible GPU, else 2)")
     ap.add_argument("--gpus", action="store_true", help="one worker per visible GPU")
     ap.add_argument("--coordinator", default=None, help="URL of a running coordinator")
-    ap.add_argument("--token", default=os.environ.get("ZEROP2P_TOKEN", "local-token"))
+    ap.add_argument("--token", default=os.environ.get("ZEROP2P_TOKEN") or new_token(),
+                    help="cluster token (default $ZEROP2P_TOKEN, else a random one per run)")
     ap.add_argument("--min-workers", type=int, default=None,
                     help="barrier size (default: the workers started here)")
     ap.add_argument("--max-restarts", type=int, default=3)
@@ -62,12 +65,12 @@ def main() -> int:
         if url is None:
             coordinator, url = start_coordinator(token=args.token)
         for i in range(n):
-            extra, env = list(worker_args), {}
+            extra, env = list(worker_args), token_env(args.token)
             if gpus:  # each worker sees one GPU as cuda:0
                 env["CUDA_VISIBLE_DEVICES"] = gpus[i]
                 extra = ["--device", "cuda:0", *extra]
             argv = worker_argv(url, worker_id=f"w{i}", min_workers=args.min_workers or n,
-                               token=args.token, extra=extra)
+                               extra=extra)
             children.append(spawn(f"w{i}", argv, env=env)[0])
         supervise(children, timeout=args.timeout, max_restarts=args.max_restarts)
         return 0

@@ -19,6 +19,7 @@ from worker.cluster.launcher import (
     run_local_cluster,
     spawn,
     start_coordinator,
+    token_env,
     worker_argv,
 )
 
@@ -81,10 +82,11 @@ def test_three_workers_lose_one_and_reshard_to_two(tmp_path, baseline):
     workers = []
     try:
         for i in range(3):
-            argv = worker_argv(url, worker_id=f"w{i}", min_workers=3, token=TOKEN, entry=FAULT_WORKER,
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=3, entry=FAULT_WORKER,
                                extra=["--heartbeat-interval", "0.5"]
                                + args_for(tmp_path, buddy=True))
-            workers.append(spawn(f"w{i}", argv, env=local_worker_env(3, env), echo=False)[0])
+            workers.append(spawn(f"w{i}", argv, env={**local_worker_env(3, env),
+                                                     **token_env(TOKEN)}, echo=False)[0])
         codes = sorted(w.proc.wait(timeout=240) for w in workers)
         for w in workers:
             w.thread.join(timeout=5)

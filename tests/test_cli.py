@@ -126,11 +126,11 @@ def test_worker_registers_the_advertised_address_not_the_bound_one(url):
     import httpx
     from coordinator_helpers import TOKEN
 
-    from worker.cluster.launcher import kill_all, spawn, worker_argv
+    from worker.cluster.launcher import kill_all, spawn, token_env, worker_argv
 
-    argv = worker_argv(url, worker_id="adv", min_workers=2, token=TOKEN,
+    argv = worker_argv(url, worker_id="adv", min_workers=2,
                        extra=["--advertise", "127.0.0.9:41234", *SMALL])
-    child, _ = spawn("adv", argv, echo=False)
+    child, _ = spawn("adv", argv, env=token_env(TOKEN), echo=False)
     try:
         headers = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(headers=headers, timeout=10) as http:

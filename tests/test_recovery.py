@@ -24,6 +24,7 @@ from worker.cluster.launcher import (
     spawn,
     start_coordinator,
     supervise,
+    token_env,
     worker_argv,
 )
 
@@ -78,8 +79,8 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path, baseline):
     port = urlparse(url).port
     headers = {"Authorization": f"Bearer {TOKEN}"}
     args = ARGS + ["--output", str(tmp_path), "--heartbeat-interval", "0.5"]
-    workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, token=TOKEN,
-                                          extra=args), env=local_worker_env(2), echo=False)[0]
+    workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, extra=args),
+                     env={**local_worker_env(2), **token_env(TOKEN)}, echo=False)[0]
                for i in range(2)]
     try:
         ready = httpx.get(f"{url}/training/ready", params={"min_workers": 2, "wait": 60},
@@ -114,8 +115,8 @@ def test_ctrl_c_leaves_and_ends_the_generation(tmp_path):
     coordinator, url = start_coordinator(token=TOKEN, echo=False)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     args = [a if a != str(STEPS) else "500" for a in ARGS]
-    workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, token=TOKEN,
-                                          extra=args), env=local_worker_env(2), echo=False)[0]
+    workers = [spawn(f"w{i}", worker_argv(url, worker_id=f"w{i}", min_workers=2, extra=args),
+                     env={**local_worker_env(2), **token_env(TOKEN)}, echo=False)[0]
                for i in range(2)]
     try:
         ready = httpx.get(f"{url}/training/ready", params={"min_workers": 2, "wait": 60},

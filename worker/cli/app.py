@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import typer
 
@@ -37,12 +38,34 @@ def coordinator(ctx: typer.Context) -> None:
     main(ctx.args, prog="zerop2p coordinator")
 
 
+def _token(ctx: typer.Context, token: str | None, token_file: str | None) -> str | None:
+    """The token from --token-file, or --token/$ZEROP2P_TOKEN (warning when it is on argv)."""
+    source = ctx.get_parameter_source("token")  # typer's click enum: compared by name
+    on_argv = token is not None and getattr(source, "name", "") == "COMMANDLINE"
+    if token_file:
+        if on_argv:
+            _fail("give the token by --token or --token-file, not both")
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            _fail(f"--token-file {token_file}: {err.strerror or err}")
+        if not lines or not lines[0].strip():
+            _fail(f"--token-file {token_file}: the file is empty")
+        return lines[0].strip()
+    if on_argv:
+        log.warning("--token on the command line is visible to every local user (ps); use "
+                    "$ZEROP2P_TOKEN or --token-file")
+    return token
+
+
 @app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
 def worker(
     ctx: typer.Context,
     coordinator: str = typer.Option(..., envvar="ZEROP2P_COORDINATOR",
                                     help="coordinator URL, e.g. http://10.0.0.1:8000"),
-    token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token"),
+    token: str = typer.Option(None, envvar="ZEROP2P_TOKEN", help="cluster token; prefer "
+                              "$ZEROP2P_TOKEN or --token-file (argv is visible to local users)"),
+    token_file: str = typer.Option(None, help="file whose first line is the cluster token"),
     worker_id: str = typer.Option(None, help="stable id (default: random)"),
     host: str = typer.Option("127.0.0.1", help="address peers use to reach this worker"),
     bind_host: str = typer.Option(None, help="address to bind the peer server (default: --host)"),
@@ -63,6 +86,7 @@ def worker(
     from worker.main import WorkerConfig, run_worker  # lazy: torch, transformers
 
     setup_logging(log_level)
+    token = _token(ctx, token, token_file)
     try:
         train = build_train_config(list(ctx.args))
     except (ValueError, TypeError, OSError) as err:

@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
+TOKEN_ENV = "ZEROP2P_TOKEN"
 URL_LINE = re.compile(r"coordinator listening on (http://\S+)")
 WORKER_ENTRY = (sys.executable, "-m", "worker.cli")  # the zerop2p command of this interpreter
 
@@ -74,27 +76,37 @@ def spawn(name: str, argv: list[str], *, env: dict | None = None, echo: bool = T
     return child, found.get("match")
 
 
+def new_token() -> str:
+    """A random cluster token (192 bits), for a run that was given none."""
+    return secrets.token_urlsafe(24)
+
+
+def token_env(token: str | None) -> dict[str, str]:
+    """The environment that hands ``token`` to a coordinator or worker: never argv, which
+    every local user can read in ``ps``."""
+    return {TOKEN_ENV: token} if token else {}
+
+
 def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_timeout: float = 10.0,
                       echo: bool = True, port: int = 0, host: str = "127.0.0.1",
                       prefix: Sequence[str] = ()) -> tuple[Child, str]:
     """A real coordinator (on a free port unless ``port`` is given); returns it and the URL it
-    printed. ``prefix`` runs it under another command (``ip netns exec NS`` in the test bed)."""
+    printed. ``prefix`` runs it under another command (``ip netns exec NS`` in the test bed).
+    The token travels in its environment."""
     argv = [*prefix, sys.executable, "-m", "coordinator", "--host", host, "--port", str(port),
             "--db", db, "--heartbeat-timeout", str(heartbeat_timeout)]
-    if token:
-        argv += ["--token", token]
-    child, url = spawn("coordinator", argv, echo=echo, wait_for=URL_LINE, timeout=60.0)
+    child, url = spawn("coordinator", argv, env=token_env(token), echo=echo, wait_for=URL_LINE,
+                       timeout=60.0)
     return child, url
 
 
-def worker_argv(url: str, *, worker_id: str, min_workers: int, token: str | None,
-                extra: list[str], entry: Sequence[str] = WORKER_ENTRY) -> list[str]:
+def worker_argv(url: str, *, worker_id: str, min_workers: int, extra: list[str],
+                entry: Sequence[str] = WORKER_ENTRY) -> list[str]:
     """``entry worker --coordinator URL ...``: ``entry`` is the zerop2p CLI (a test harness
-    passes its own entry that installs observers first)."""
+    passes its own entry that installs observers first). The token goes in the environment
+    (``token_env``)."""
     argv = [*entry, "worker", "--coordinator", url,
             "--worker-id", worker_id, "--min-workers", str(min_workers)]
-    if token:
-        argv += ["--token", token]
     return argv + extra
 
 
@@ -184,7 +196,7 @@ def local_worker_env(world_size: int, env: dict | None = None) -> dict:
     return env
 
 
-def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = "local-token",
+def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = None,
                       timeout: float = 1800.0, echo: bool = True, max_restarts: int = 0,
                       worker_env: dict | None = None,
                       worker_entry: Sequence[str] = WORKER_ENTRY) -> list[Child]:
@@ -192,15 +204,17 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
 
     A crashed worker is restarted under its own id (up to ``max_restarts`` times): it registers
     again, which ends the generation, and the workers resume together from the last checkpoint.
+    Without ``token`` the run makes a random one, handed to every process in its environment.
     """
+    token = token or new_token()
     coordinator, url = start_coordinator(token=token, echo=echo)
     workers: list[Child] = []
     try:
+        env = {**local_worker_env(world_size, worker_env), **token_env(token)}
         for i in range(world_size):
-            argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size, token=token,
+            argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size,
                                extra=worker_args, entry=worker_entry)
-            workers.append(spawn(f"w{i}", argv, env=local_worker_env(world_size, worker_env),
-                                 echo=echo)[0])
+            workers.append(spawn(f"w{i}", argv, env=env, echo=echo)[0])
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
         return workers
     finally:

@@ -46,6 +46,7 @@ from worker.cluster.launcher import (
     start_coordinator,
     stop_all,
     supervise,
+    token_env,
     worker_argv,
 )
 
@@ -261,7 +262,8 @@ class NetBed:
         self._start_coordinator()
         cpu0, t0 = self.proxy_cpu_seconds(), time.monotonic()
         try:
-            env = local_worker_env(self.world_size, self.worker_env)  # cores shared, as locally
+            env = {**local_worker_env(self.world_size, self.worker_env),  # cores shared, as locally
+                   **token_env(self.token)}
             self.workers = [spawn(f"w{i}", self._worker_argv(i), env=env,
                                   echo=self.echo)[0] for i in range(self.world_size)]
             supervise(self.workers, timeout=timeout, max_restarts=max_restarts)
@@ -293,4 +295,4 @@ class NetBed:
                 net += ["--advertise", f"{host.address}:{GRPC_PORT}"]
             entry = [*host.exec_prefix(), *self.worker_entry]
         return worker_argv(self._url, worker_id=f"w{i}", min_workers=self.world_size,
-                           token=self.token, extra=net + self.worker_args, entry=entry)
+                           extra=net + self.worker_args, entry=entry)
