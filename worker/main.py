@@ -41,6 +41,7 @@ from worker.models.lora import apply_lora
 from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
 from worker.train.config import TrainConfig
+from worker.train.step_log import StepLog
 from worker.train.traffic import replicate_frozen
 from worker.train.trainer import Trainer
 
@@ -188,7 +189,7 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
     peer is lost; the caller rejoins."""
     cfg.train.check_world_size(gen.world_size)
     collectives = build_collectives(cfg, gen, transport)
-    trainer = None
+    trainer = step_log = None
     try:
         if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
             publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
@@ -196,10 +197,15 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
         model = build_trainable_model(cfg.train, data, on_meta=True)
         engine = shard_for_training(cfg.train, model, collectives, gen.generation, observers)
 
+        if cfg.train.log_dir and gen.rank == 0:
+            step_log = StepLog(cfg.train.log_dir, generation=gen.generation)
+
         def on_step(done) -> None:
             # Telemetry also moves the coordinator's step/loss/throughput columns; heartbeats
             # carry only the phase (they used to repeat these three every step).
             membership.report(**done.to_dict(), rank=gen.rank, generation=gen.generation)
+            if step_log is not None:
+                step_log.write(done, getattr(collectives, "bytes_sent", None))
 
         membership.update_status(phase="train")
 
@@ -220,6 +226,8 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
         raise
     finally:
         collectives.close()
+        if step_log is not None:
+            step_log.close()
 
 
 def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:

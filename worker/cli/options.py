@@ -119,6 +119,8 @@ OPTIONS: list[Opt] = [
     Opt("--activation-checkpointing", "activation_checkpointing", _bool, "keep only each "
         "unit's inputs in forward and recompute the unit in backward: activation memory of one "
         "unit instead of all, for one more forward per step"),
+    Opt("--log-dir", "log_dir", str, "rank 0 writes every step to DIR/steps.jsonl and as "
+        "TensorBoard scalars (loss, lr, grad norm, tokens/s, bytes sent)"),
     Opt("--buddy", "buddy", _bool, "true: keep a replica of each rank's shard on the next rank, "
         "so a lost worker loses no step"),
 ]

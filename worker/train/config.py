@@ -46,6 +46,7 @@ class TrainConfig:
     prefetch: bool = True  # gather the next unit while this one computes (two units alive)
     # keep only each unit's inputs in forward and replay it in backward (engine/recompute.py)
     activation_checkpointing: bool = False
+    log_dir: str | None = None  # rank 0 writes steps.jsonl and TensorBoard events here
 
     def __post_init__(self) -> None:
         if self.steps < 1:
