@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from communication.accumulator import Accumulator, CapReached, Incoming, SenderLedger
+from communication.accumulator import Accumulator
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
 from communication.framing import Undecodable, parse_chunk, parse_frame, parser, tolerant
+from communication.intake import CapReached, Incoming, SenderLedger
 from communication.proto import zerop2p_pb2 as pb
 from communication.slot import ContributionError, Slot
 
