@@ -50,7 +50,8 @@ def test_the_launcher_keeps_the_token_off_argv():
 def test_the_coordinator_reads_its_token_from_a_file(tmp_path):
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
-    argv = [sys.executable, "-m", "coordinator", "--port", "0", "--token-file", str(path)]
+    argv = [sys.executable, "-m", "coordinator", "--port", "0", "--db", ":memory:",
+            "--token-file", str(path)]
     coordinator, url = spawn("coordinator", argv, echo=False, wait_for=URL_LINE, timeout=60)
     try:
         assert status(url, None) == 401 and status(url, TOKEN) == 200
