@@ -180,20 +180,14 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-MEMORY = '''
+MEMORY = f'''
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from harness.memory_worker import hwm_bytes, reset_hwm as reset_peak, rss_bytes
+
 def memory():
     """VmRSS and VmHWM (peak) of this process, in bytes."""
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-
-def reset_peak():
-    """Make VmHWM start again from VmRSS (Linux >= 4.0); False where that is refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    return {{"VmRSS": rss_bytes(), "VmHWM": hwm_bytes()}}
 '''
 
 OPEN = MEMORY + '''
