@@ -41,12 +41,13 @@ import torch
 
 from communication.codec import DTYPE_NAMES, get_codec
 from communication.collectives import CollectiveError, Key, Phase, completed
-from communication.completion import complete, handed_or_failed, set_when_all
+from communication.completion import complete, set_when_all
 from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
 from communication.peer_client import PeerCallError
 from communication.peer_loss import PeerLoss
 from communication.proto import zerop2p_pb2 as pb
+from communication.ring import ring_gather
 from communication.slot import Expectation, MissingContributions, Mode
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,12 @@ class GrpcCollectives:
                 raise ValueError(f"reduce_scatter {key}: feedback must be a CPU tensor of "
                                  f"{tuple(src.shape)}, got {tuple(feedback.shape)} on "
                                  f"{feedback.device}")
-            return self._run("reduce_scatter", key, full.device,
-                             self._direct(key, parts, Mode.SUM, (s,), src.dtype, codec,
-                                          feedback=feedback.view(-1)))
+            feedback = feedback.view(-1)
+        else:
+            feedback = None  # raw: nothing is lost, nothing to feed back
         return self._run("reduce_scatter", key, full.device,
-                         self._direct(key, parts, Mode.SUM, (s,), src.dtype, codec))
+                         self._direct(key, parts, Mode.SUM, (s,), src.dtype, codec,
+                                      feedback=feedback))
 
     def all_reduce(self, key: Key, value: torch.Tensor) -> Future[torch.Tensor]:
         """Every rank receives the rank-order element-wise sum of all ranks' value."""
@@ -216,12 +218,10 @@ class GrpcCollectives:
         step = -(-n // streams) if n else 0
         ranges = [(a, min(n, a + step)) for a in range(0, n, step)] if n else [(0, 0)]
 
-        def header(a: int, b: int) -> pb.TensorHeader:
-            return pb.TensorHeader(key=str(key), generation=self.generation, sender=self.rank,
-                                   origin=origin, dtype=DTYPE_NAMES[t.dtype],
-                                   shape=list(t.shape), offset=a, total_bytes=b - a,
-                                   codec=codec.name)
-        headers = [header(a, b) for a, b in ranges]
+        headers = [pb.TensorHeader(key=str(key), generation=self.generation, sender=self.rank,
+                                   origin=origin, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
+                                   offset=a, total_bytes=b - a, codec=codec.name)
+                   for a, b in ranges]
         self.bytes_sent[key.phase] += n + sum(h.ByteSize() for h in headers)
         loop = asyncio.get_running_loop()
         out = [asyncio.Event() for _ in ranges] if handed is not None else [None] * len(ranges)
@@ -284,30 +284,7 @@ class GrpcCollectives:
         return [(self.rank + i) % w for i in range(1, w)]
 
     async def _gather(self, key: Key, src: torch.Tensor, *, ring: bool):
-        if not ring:
-            return await self._direct(key, [src] * self.world_size, Mode.CONCAT,
-                                      tuple(src.shape), src.dtype, self.param_codec)
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        slot = self._open(key, Mode.CONCAT, tuple(src.shape), src.dtype)
-        slot.put(self.rank, src)
-        w, nxt = self.world_size, (self.rank + 1) % self.world_size
-
-        async def forward(handed: asyncio.Event):
-            """Forward each shard once it arrived and the previous one is out (not acked)."""
-            loop, pushes = asyncio.get_running_loop(), []
-            for step in range(w - 1):
-                origin = (self.rank - step) % w
-                await slot.arrived(origin)
-                out = asyncio.Event()
-                pushes.append(loop.create_task(self._push(key, nxt, origin, slot.buffer(origin),
-                                                          deadline, RAW, handed=out)))
-                await handed_or_failed(pushes[-1], out)
-            handed.set()
-            try:
-                await asyncio.gather(*pushes)
-            finally:
-                for push in pushes:
-                    push.cancel()
-
-        return await self._finish(slot, [forward])
-
+        if ring:
+            return await ring_gather(self, key, src)
+        return await self._direct(key, [src] * self.world_size, Mode.CONCAT, tuple(src.shape),
+                                  src.dtype, self.param_codec)

@@ -22,14 +22,13 @@ What a peer, or anyone who can reach the port, can make this server hold or wait
   the wait ends when the call is cancelled or its generation superseded (accumulator.py), and a
   partial contribution's receive state (and staging buffer) is dropped when its last range on
   the way is cancelled or refused with none in.
-- a refused stream is drained (see ``_drain``) for at most MAX_DRAIN_BYTES / MAX_DRAIN_FRAMES /
+- a refused stream is drained (refusal.py) for at most MAX_DRAIN_BYTES / MAX_DRAIN_FRAMES /
   DRAIN_WAIT.
 Undecodable messages are answered INVALID_ARGUMENT (framing.tolerant), never UNKNOWN.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from communication.codec import dtype_from_name, get_codec
 from communication.framing import Undecodable, parse_chunk, parse_frame, parser, tolerant
 from communication.intake import CapReached, Incoming, SenderLedger
 from communication.proto import zerop2p_pb2 as pb
+from communication.refusal import PushRefused, drain
 from communication.slot import ContributionError, Slot
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,6 @@ DEFAULT_WAIT = 60.0  # a call without a deadline waits this long for its key
 MAX_WAIT = 300.0  # and one with a deadline at most this long: 5x the default collective timeout
 MAX_OPEN_PER_SENDER = 32  # ~2.5x the legitimate peak above
 MAX_BYTES_PER_SENDER = 2 << 30  # a sender's contributions to its keys in flight, with room
-# A refused stream is read on (and dropped) before the answer, so the status reaches the
-# client (see _drain): 8 chunks, 5 s at most. A longer one sees its call cut off instead.
-MAX_DRAIN_BYTES = 8 * MAX_CHUNK_BYTES
-MAX_DRAIN_FRAMES = 64
-DRAIN_WAIT = 5.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,46 +103,46 @@ class PeerServicer:
         try:
             h = await anext(aiter(request_iterator), None)
             if isinstance(h, Undecodable):
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"Push: {h.reason}")
+                raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"Push: {h.reason}")
             if not isinstance(h, pb.TensorHeader):
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
+                raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "Push must start with a header")
             reply = await self._receive(h, request_iterator, context)
-        except _PushRefused as refusal:
-            await _drain(request_iterator, context)
+        except PushRefused as refusal:
+            await drain(request_iterator, context)
             await context.abort(refusal.code, refusal.message)
         if reply.duplicate:
-            await _drain(request_iterator, context)
+            await drain(request_iterator, context)
         return reply
 
     async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
         try:
             if isinstance(request, Undecodable):
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"PushOne: {request.reason}")
+                raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, f"PushOne: {request.reason}")
             h, data = request
             if h is None:
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
+                raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, "PushOne without a header")
             return await self._receive(h, _once(data), context, held=len(data))
-        except _PushRefused as refusal:
+        except PushRefused as refusal:
             await context.abort(refusal.code, refusal.message)
 
     async def _receive(self, h: pb.TensorHeader, data_frames, context, held: int = 0
                        ) -> pb.PushReply:
         """Validate ``h`` against its slot, copy the frames' bytes into place, count them.
-        Raises _PushRefused (the caller answers it); a duplicate's frames are left unread.
+        Raises PushRefused (the caller answers it); a duplicate's frames are left unread.
         ``held``: bytes of this call already in memory (PushOne's)."""
         who = f"key {h.key} sender {h.sender}"
         if h.offset < 0 or h.total_bytes < 0:
-            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
+            raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{who}: byte range offset {h.offset}, length {h.total_bytes}")
         current = self._generation()
         if h.generation < current:
-            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
+            raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{who}: generation expected {current}, actual {h.generation} "
                                f"(stale)")
         try:
             held_here = self.ledger.hold(h.sender, max(h.total_bytes, held), key=h.key)
         except CapReached as exc:
-            raise _PushRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            raise PushRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         with held_here:
             slot = await self._slot(h, context)
             if slot is None or slot.has(h.origin):
@@ -155,14 +150,14 @@ class PeerServicer:
             try:
                 incoming = self._validate(slot, h)
             except ContributionError as exc:
-                raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             try:
                 pos = await incoming.write(h, data_frames)
             except BaseException as exc:  # refused, broken or cancelled: the range is not in
                 if incoming.release(h.offset):
                     self._drop(slot, h, incoming)
                 if isinstance(exc, ContributionError):
-                    raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                    raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
                 raise
             whole = incoming.finish(h.offset)
             if whole and self._incoming.get((h.key, h.origin)) is incoming:
@@ -177,12 +172,12 @@ class PeerServicer:
         try:
             return await self._acc.slot(h.key, wait, generation=h.generation)
         except TimeoutError:
-            raise _PushRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise PushRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"key {h.key} sender {h.sender}: rank {self._rank()} did not open "
                                f"it within {wait:.3g}s (server cap {self.limits.max_wait:.0f}s)"
                                ) from None
         except ContributionError as exc:
-            raise _PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
+            raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"sender {h.sender}: {exc}") from None
 
     def _validate(self, slot: Slot, h) -> Incoming:
@@ -232,38 +227,6 @@ class PeerServicer:
         """Drop partial receive state of a key that finished or failed."""
         for ident in [i for i in self._incoming if i[0] == key]:
             del self._incoming[ident]
-
-
-class _PushRefused(Exception):
-    """A contribution refused with ``code``; the message names the key, sender and mismatch."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-async def _drain(frames, context) -> None:
-    """Read and drop what the client still streams (up to MAX_DRAIN_BYTES in MAX_DRAIN_FRAMES
-    frames, within DRAIN_WAIT and the call's deadline) before answering: a server that answers
-    while the client is still writing can have its status replaced by INTERNAL on the client's
-    side (grpc/grpc#36066), losing the message that names the problem. Past the bounds the
-    answer goes out anyway (a long refused stream may then see INTERNAL or CANCELLED)."""
-    async def read() -> None:
-        seen = 0
-        for _ in range(MAX_DRAIN_FRAMES):
-            frame = await anext(frames, None)
-            if frame is None:
-                return
-            seen += len(frame) if isinstance(frame, memoryview) else 0
-            if seen >= MAX_DRAIN_BYTES:
-                return
-
-    remaining = context.time_remaining()
-    wait = DRAIN_WAIT if remaining is None else min(DRAIN_WAIT, max(remaining, 0))
-    try:
-        await asyncio.wait_for(read(), wait)
-    except asyncio.TimeoutError:
-        log.warning("a refused stream was still open after %.1fs; answering anyway", wait)
 
 
 async def _once(data: memoryview):

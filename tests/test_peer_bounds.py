@@ -13,7 +13,7 @@ import pytest
 import torch
 from peer_harness import TOKEN, MiB, Node, deadline, header, refused, server_growth
 
-from communication import peer_client, peer_server
+from communication import peer_client, peer_server, refusal
 from communication.codec import as_bytes
 from communication.framing import chunk_message, data_frame, header_frame
 from communication.peer_client import PeerCallError
@@ -230,15 +230,15 @@ async def test_a_refused_stream_is_drained_only_up_to_its_bound(node, kind):
     start = loop.time()
     err = await refused(node.push(endless(), timeout=30.0, metadata=TOKEN))
     assert err.code() != grpc.StatusCode.OK and loop.time() - start < 5.0
-    bound = (peer_server.MAX_DRAIN_BYTES // MiB if kind == "chunks"
-             else peer_server.MAX_DRAIN_FRAMES)
+    bound = (refusal.MAX_DRAIN_BYTES // MiB if kind == "chunks"
+             else refusal.MAX_DRAIN_FRAMES)
     print(f"refused stream of {kind}: gRPC pulled {pulled}, the server drains {bound}")
     # The rest sat in flow-control windows. Before: 1 GiB of chunks, headers until the deadline.
     assert pulled <= bound + 32 if kind == "chunks" else pulled < 10 * bound
 
 
 async def test_a_trickling_refused_stream_is_answered_after_the_drain_wait(node, monkeypatch):
-    monkeypatch.setattr(peer_server, "DRAIN_WAIT", 0.5)
+    monkeypatch.setattr(refusal, "DRAIN_WAIT", 0.5)
     node.open()
 
     async def trickle():
