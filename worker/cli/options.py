@@ -64,6 +64,8 @@ OPTIONS: list[Opt] = [
     Opt("--data-seed", "data.seed", int, "seed of the batch order"),
     Opt("--optimizer", "optim.optimizer", str, "adamw or sgd"),
     Opt("--lr", "optim.lr", float, "peak learning rate"),
+    Opt("--adam-eps", "optim.eps", float, "AdamW's epsilon (1e-6 keeps near-zero gradients' "
+        "updates proportional to them)"),
     Opt("--weight-decay", "optim.weight_decay", float, "decoupled weight decay"),
     Opt("--momentum", "optim.momentum", float, "SGD momentum"),
     Opt("--schedule", "optim.schedule", str, "constant, linear or cosine"),
