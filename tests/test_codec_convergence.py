@@ -15,7 +15,7 @@ from worker.cluster.launcher import run_local_cluster
 
 STEPS = 200
 ARGS = ["--model", "tiny-gpt2", "--steps", str(STEPS), "--micro-batch-rows", "4", "--seq-len",
-        "32", "--max-tokens", "200000", "--schedule", "constant", "--lr", "3e-3",
+        "32", "--max-tokens", "200000", "--schedule", "constant", "--lr", "1e-3",
         "--log-every", "50", "--eval-every", str(STEPS), "--eval-batches", "25"]
 VARIANTS = {
     "raw": [],
