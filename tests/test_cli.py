@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,20 @@ def test_bad_training_options_are_named(args, named):
     res = zerop2p("worker", "--coordinator", "http://127.0.0.1:9", *args, timeout=60)
     assert res.returncode == 2, res.stderr
     assert named in res.stderr, res.stderr
+
+
+def test_train_refuses_rows_that_do_not_split_before_starting_anything():
+    """``zerop2p train --world-size 3`` with 8 rows per micro-batch used to start three workers
+    that each failed after joining (and were restarted three times); now it stops at once."""
+    start = time.monotonic()
+    res = zerop2p("train", "--world-size", "3", "--micro-batch-rows", "8", timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "micro_batch_rows (8) is not divisible by the world size (3)" in res.stderr
+    assert "--micro-batch-rows" in res.stderr and "coordinator listening" not in res.stdout
+    assert time.monotonic() - start < 30
+    ok = zerop2p("train", "--world-size", "3", "--micro-batch-rows", "9", "--steps", "0",
+                 timeout=60)  # the control: divisible rows pass this check (steps=0 stops later)
+    assert "not divisible" not in ok.stderr and "steps" in ok.stderr
 
 
 def test_unknown_toml_key_is_named(tmp_path):

@@ -114,12 +114,12 @@ def train(
 ) -> None:
     """Start a local coordinator and N workers and train (every worker option is forwarded)."""
 
-    try:
-        build_train_config(list(ctx.args))  # fail here, once, on a bad option
-    except (ValueError, TypeError, OSError) as err:
-        _fail(str(err))
     if world_size < 1:
         _fail(f"--world-size must be >= 1, got {world_size}")
+    try:  # fail here, once, before any process starts (not in every worker after it joined)
+        build_train_config(list(ctx.args)).check_world_size(world_size)
+    except (ValueError, TypeError, OSError) as err:
+        _fail(str(err))
     try:
         args = list(ctx.args) + (["--output", output] if output else [])
         run_local_cluster(world_size, args, timeout=timeout, max_restarts=max_restarts)

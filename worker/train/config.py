@@ -75,7 +75,8 @@ class TrainConfig:
         if self.micro_batch_rows % world_size:
             raise ValueError(
                 f"micro_batch_rows ({self.micro_batch_rows}) is not divisible by the world size "
-                f"({world_size}): every rank must read the same number of rows"
+                f"({world_size}): every rank must read the same number of rows; set "
+                f"--micro-batch-rows to a multiple of {world_size}"
             )
 
     def to_dict(self) -> dict:
