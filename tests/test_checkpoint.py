@@ -6,6 +6,7 @@ imports) and SIGKILLed at a named point of ``save_checkpoint`` or at arbitrary m
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -249,3 +250,26 @@ def test_format_checkpoints_prints_one_row_per_checkpoint(run, tmp_path):
     text = format_checkpoints(list_checkpoints(tmp_path)).splitlines()
     assert text[0].split()[:5] == ["step", "world", "loss", "eval", "loss"]
     assert text[1].split()[:3] == ["1", "1", f"{trainer.history[-1].loss:.4f}"]
+
+
+def test_best_checkpoint_is_the_lowest_eval_loss_of_the_complete_ones(tmp_path):
+    from worker.state.catalog import best_checkpoint
+
+    def write(step: int, eval_loss, *, torn: bool = False) -> None:
+        d = tmp_path / f"step_{step}"
+        d.mkdir()
+        (d / "rank0.bin").write_bytes(b"abc")
+        manifest = {"world_size": 1, "files": {"rank0.bin": 2 if torn else 3}, "step": step}
+        if eval_loss is not None:
+            manifest["eval_loss"] = eval_loss
+        (d / "manifest.json").write_text(json.dumps(manifest))
+
+    assert best_checkpoint(tmp_path) is None
+    write(1, 2.0)
+    write(2, 1.5)
+    write(3, 1.7)
+    write(4, None)  # the latest, without an eval: never the best
+    write(5, 1.0, torn=True)  # lowest, but incomplete
+    assert best_checkpoint(tmp_path) == tmp_path / "step_2"
+    write(6, 1.5)  # a tie goes to the newer
+    assert best_checkpoint(tmp_path) == tmp_path / "step_6"

@@ -87,6 +87,13 @@ def test_train_checkpoints_list_and_export(tmp_path):
     rows = [line.split() for line in listing.stdout.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [("2", "2"), ("4", "2")], listing.stdout
 
+    best_step = min(rows, key=lambda r: (float(r[3]), -int(r[0])))[0]  # lowest eval loss
+    best = zerop2p("export", "--best", str(ckpt), str(tmp_path / "best"), timeout=120)
+    assert best.returncode == 0, best.stderr
+    assert f"step_{best_step} " in best.stdout, (best.stdout, listing.stdout)
+    none = zerop2p("export", "--best", str(tmp_path / "empty"), str(tmp_path / "x"), timeout=60)
+    assert none.returncode == 2 and "recorded an eval loss" in none.stderr, none.stderr
+
     exported = zerop2p("export", str(ckpt), str(hf), timeout=120)
     assert exported.returncode == 0, exported.stderr
     from transformers import AutoModelForCausalLM

@@ -129,13 +129,25 @@ def train(
 
 @app.command()
 def export(checkpoint: str = typer.Argument(..., help="a step_<n> directory (or its root)"),
-           out: str = typer.Argument(..., help="output directory for from_pretrained")) -> None:
+           out: str = typer.Argument(..., help="output directory for from_pretrained"),
+           best: bool = typer.Option(False, "--best", help="from a root: the checkpoint with "
+                                     "the lowest eval loss instead of the latest")) -> None:
     """Write a Hugging Face model directory (or a peft adapter for LoRA runs)."""
-    from worker.state.catalog import CheckpointError, latest_checkpoint  # lazy: torch
+    from worker.state.catalog import (  # lazy: torch
+        CheckpointError,
+        best_checkpoint,
+        latest_checkpoint,
+    )
     from worker.state.export import export_checkpoint  # lazy: torch
 
     try:
-        path = latest_checkpoint(checkpoint) or checkpoint
+        if best:
+            path = best_checkpoint(checkpoint)
+            if path is None:
+                _fail(f"--best: no checkpoint under {checkpoint} recorded an eval loss (train "
+                      "with --eval-every)")
+        else:
+            path = latest_checkpoint(checkpoint) or checkpoint
         typer.echo(f"exported {path} to {export_checkpoint(path, out)}")
     except (CheckpointError, ValueError, OSError) as err:
         _fail(str(err))

@@ -73,6 +73,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest eval loss (the newest on a tie), or None when
+    no checkpoint under ``root`` recorded one."""
+    scored = _scored(_complete(Path(root)))
+    return min(scored)[2] if scored else None
+
+
+def _scored(found: list[tuple[int, Path, dict]]) -> list[tuple[float, int, Path]]:
+    """(eval loss, -step, dir) of the checkpoints that recorded an eval loss."""
+    return [(m["eval_loss"], -step, d) for step, d, m in found if m.get("eval_loss") is not None]
+
+
 def list_checkpoints(root: str | Path) -> list[dict]:
     """Step, world size, last loss, eval loss and bytes on disk of each complete checkpoint."""
     out = []
@@ -102,9 +114,9 @@ def prune_checkpoints(root: str | Path, *, keep_last: int, keep_best: bool = Tru
     root = Path(root)
     found = _complete(root)
     keep = {step for step, _, _ in found[-keep_last:]}
-    scored = [(m["eval_loss"], step) for step, _, m in found if m.get("eval_loss") is not None]
+    scored = _scored(found)
     if keep_best and scored:
-        keep.add(min(scored)[1])
+        keep.add(-min(scored)[1])
     for step, d, _ in found:
         if step not in keep:
             remove_dir(d, root / f"step_{step}.deleting")
