@@ -44,6 +44,8 @@ def test_toml_options_with_flags_winning(tmp_path):
     (["--lr", "fast"], "--lr"),
     (["--mixed-precision", "fp8"], "mixed_precision"),
     (["--steps", "0"], "steps"),
+    (["--timeout", "0"], "timeout"),
+    (["--keep-last", "0"], "keep_last"),
 ])
 def test_bad_training_options_are_named(args, named):
     res = zerop2p("worker", "--coordinator", "http://127.0.0.1:9", *args, timeout=60)
@@ -63,6 +65,14 @@ def test_train_refuses_rows_that_do_not_split_before_starting_anything():
     ok = zerop2p("train", "--world-size", "3", "--micro-batch-rows", "9", "--steps", "0",
                  timeout=60)  # the control: divisible rows pass this check (steps=0 stops later)
     assert "not divisible" not in ok.stderr and "steps" in ok.stderr
+
+
+def test_train_forwards_timeout_as_the_collective_deadline():
+    """``--timeout`` is the workers' collective deadline, ``--run-timeout`` the run's limit:
+    a forwarded bad deadline is named, not swallowed by the run's option of the same name."""
+    res = zerop2p("train", "--timeout", "-1", timeout=60)
+    assert res.returncode == 2 and "timeout" in res.stderr, res.stderr
+    assert "--run-timeout" in zerop2p("train", "--help", timeout=60).stdout
 
 
 def test_unknown_toml_key_is_named(tmp_path):

@@ -109,7 +109,8 @@ def train(
     ctx: typer.Context,
     world_size: int = typer.Option(2, help="worker processes to start on this machine"),
     max_restarts: int = typer.Option(3, help="times a crashed worker is restarted"),
-    timeout: float = typer.Option(3600.0, help="seconds before the whole run is stopped"),
+    run_timeout: float = typer.Option(3600.0, help="seconds before the whole run is stopped "
+                                      "(--timeout is forwarded: each collective's deadline)"),
     output: str = typer.Option(None, help="final weights and result.json are written here"),
 ) -> None:
     """Start a local coordinator and N workers and train (every worker option is forwarded)."""
@@ -122,7 +123,7 @@ def train(
         _fail(str(err))
     try:
         args = list(ctx.args) + (["--output", output] if output else [])
-        run_local_cluster(world_size, args, timeout=timeout, max_restarts=max_restarts)
+        run_local_cluster(world_size, args, timeout=run_timeout, max_restarts=max_restarts)
     except (RuntimeError, TimeoutError) as err:
         _fail(str(err))
 

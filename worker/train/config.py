@@ -55,6 +55,11 @@ class TrainConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be >= 1, got {self.micro_batch_rows}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout (each collective's deadline, seconds) must be > 0, got "
+                             f"{self.timeout}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of "
                              f"{tuple(PRECISIONS)}")
