@@ -158,13 +158,17 @@ def owned_range(numel_padded_shard: int, rank: int) -> tuple[int, int]:
     return rank * numel_padded_shard, (rank + 1) * numel_padded_shard
 
 
-def flatten_params(layout: FlatLayout, params: dict[str, torch.Tensor], world_size: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full padded (trainable, frozen) regions from full parameter tensors, in ``dtype``."""
-    trainable_n, frozen_n = layout.shard_sizes(world_size)
-    train = torch.zeros(trainable_n * world_size, dtype=dtype)
-    frozen = torch.zeros(frozen_n * world_size, dtype=dtype)
+def region_slice(layout: FlatLayout, params: dict[str, torch.Tensor], *, trainable: bool,
+                 start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Elements [start, stop) of the padded trainable (or frozen) region, copied from the
+    parameters that overlap them (zeros in the padding): a rank's shard without building the
+    whole region first, so filling a unit holds its parameters and the slice, not two copies."""
+    out = torch.zeros(stop - start, dtype=dtype)
     for slot in layout.slots:
-        dst = train if slot.trainable else frozen
-        dst[slot.offset : slot.offset + slot.numel].copy_(params[slot.name].detach().reshape(-1))
-    return train, frozen
+        if slot.trainable != trainable:
+            continue
+        lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, stop)
+        if lo < hi:
+            flat = params[slot.name].detach().reshape(-1)
+            out[lo - start:hi - start].copy_(flat[lo - slot.offset:hi - slot.offset])
+    return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from communication.collectives import Collectives, Key, result
-from worker.engine.sharding import FlatLayout, flatten_params, owned_range
+from worker.engine.sharding import FlatLayout, owned_range, region_slice
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,9 @@ class ShardedUnit:
         self.gathered_frozen = 0 if self.replicate_frozen else self.frozen_shard
         self.row = self.trainable_shard + self.gathered_frozen
 
-        train, frozen = flatten_params(layout, params, world_size, torch.float32)
         a, b = owned_range(self.trainable_shard, rank)
-        self.master = nn.Parameter(train[a:b].clone().to(device),
-                                   requires_grad=self.trainable_shard > 0)
+        own = region_slice(layout, params, trainable=True, start=a, stop=b, dtype=torch.float32)
+        self.master = nn.Parameter(own.to(device), requires_grad=self.trainable_shard > 0)
         self.residual = (torch.zeros(self.trainable_shard * world_size, dtype=torch.float32)
                          if error_feedback and self.trains else None)
         self.local_grad: torch.Tensor | None = None
@@ -75,11 +74,14 @@ class ShardedUnit:
         self.full = torch.empty(n_train + self.gathered_frozen * world_size, dtype=compute_dtype,
                                 device=device)
         if self.replicate_frozen:
-            self.frozen_full = frozen.to(device=device, dtype=compute_dtype)
+            whole = region_slice(layout, params, trainable=False, start=0,
+                                 stop=self.frozen_shard * world_size, dtype=torch.float32)
+            self.frozen_full = whole.to(device=device, dtype=compute_dtype)
             self.frozen = self.frozen_full[fa:fb]  # the owned slice, as a checkpoint saves it
         else:
             self.frozen_full = self.full[n_train:]
-            self.frozen = frozen[fa:fb].to(device=device, dtype=compute_dtype).clone()
+            self.frozen = region_slice(layout, params, trainable=False, start=fa, stop=fb,
+                                       dtype=torch.float32).to(device=device, dtype=compute_dtype)
         self._nbytes = self.full.untyped_storage().nbytes()
         self.full_bytes = self._nbytes
         for slot, p in zip(layout.slots, self.params):
