@@ -1,4 +1,5 @@
-"""Builds the coordinator's FastAPI app: store, rules, barrier, monitor, routes, the door."""
+"""Builds the coordinator's FastAPI app: store, rules, barrier, outer rounds, monitor, routes,
+the door."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from coordinator import errors
 from coordinator.barrier import Barrier
 from coordinator.config import MAX_BODY_BYTES, Settings
 from coordinator.guard import Guard
+from coordinator.islands import Islands
 from coordinator.metrics import make_registry
 from coordinator.monitor import HeartbeatMonitor
-from coordinator.routes import ops, telemetry, training, workers
+from coordinator.routes import islands, ops, telemetry, training, workers
 from coordinator.service import Coordinator
 from coordinator.store import Store
 
@@ -32,9 +34,11 @@ def create_app(settings: Settings) -> FastAPI:
         # Workers alive before a restart get a fresh grace period: the coordinator was away,
         # not them. The active generation, if any, carries on.
         revived = store.refresh_alive(time.time())
-        gen = store.current_generation()
-        log.info("coordinator up on %s: %d alive workers, generation %s", settings.db, revived,
-                 gen.generation if gen else "none")
+        active = store.active_numbers()
+        log.info("coordinator up on %s: %d alive workers, generations %s, last outer round %d",
+                 settings.db, revived,
+                 ", ".join(f"{s}={g}" for s, g in sorted(active.items())) or "none",
+                 store.last_round())
         monitor = HeartbeatMonitor(coordinator)
         monitor.start()
         try:
@@ -48,8 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.coordinator = coordinator
     app.state.barrier = Barrier(coordinator, max_wait=settings.max_wait)
+    app.state.islands = Islands(coordinator, max_wait=settings.max_wait)
     app.state.registry = make_registry(coordinator)
-    for module in (workers, training, telemetry, ops):
+    for module in (workers, training, islands, telemetry, ops):
         app.include_router(module.router)
     errors.install(app)
     app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY_BYTES)

@@ -1,5 +1,5 @@
-"""Dependency aliases the routes share: the app's coordinator, barrier and registry; the
-worker-id parameters; the bearer scheme."""
+"""Dependency aliases the routes share: the app's coordinator, barrier, islands and registry;
+the worker-id and site parameters; the bearer scheme."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator
 
 from coordinator.barrier import Barrier
-from coordinator.fields import WORKER_ID_PATTERN
+from coordinator.fields import DEFAULT_SITE, SITE_PATTERN, WORKER_ID_PATTERN
+from coordinator.islands import Islands
 from coordinator.service import Coordinator
 
 
@@ -23,18 +24,26 @@ async def _barrier(request: Request) -> Barrier:
     return request.app.state.barrier
 
 
+async def _islands(request: Request) -> Islands:
+    return request.app.state.islands
+
+
 async def _registry(request: Request) -> CollectorRegistry:
     return request.app.state.registry
 
 
 CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 BarrierDep = Annotated[Barrier, Depends(_barrier)]
+IslandsDep = Annotated[Islands, Depends(_islands)]
 RegistryDep = Annotated[CollectorRegistry, Depends(_registry)]
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN, max_length=128)]
 # Optional filters: empty (``?worker_id=``) means none, as a form left blank would send; the
 # routes see None for both.
 WorkerIdQuery = Annotated[str | None, Query(pattern=f"^$|{WORKER_ID_PATTERN}", max_length=128),
                           AfterValidator(lambda v: v or None)]
+# ``?site=`` for the per-site views; the default site is the one workers without one are in.
+SiteQuery = Annotated[str, Query(pattern=SITE_PATTERN, max_length=64,
+                                 description=f"the site (island); default {DEFAULT_SITE!r}")]
 # The door (coordinator.guard) checks the token; this only publishes the scheme in the OpenAPI
 # schema, so clients and fuzzers know every route but /healthz takes a bearer token.
 BEARER = [Security(HTTPBearer(auto_error=False, description="the coordinator's --token"))]

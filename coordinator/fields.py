@@ -60,6 +60,8 @@ def text_pattern(max_length: int, *, min_length: int = 1, also_not: str = "") ->
 WORKER_ID_PATTERN = text_pattern(128, also_not="/")
 TEXT_PATTERN = text_pattern(256, min_length=0)
 NAME_PATTERN = text_pattern(64)  # names of fields
+SITE_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a site (island): a short plain name
+DEFAULT_SITE = "default"
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
@@ -87,6 +89,8 @@ WorkerId = Annotated[str, StringConstraints(pattern=WORKER_ID_PATTERN, max_lengt
 Host = Annotated[str, StringConstraints(pattern=HOST_PATTERN, max_length=253),
                  Field(description="an IPv4 or IPv6 address, or a DNS name")]
 ShortText = Annotated[str, StringConstraints(pattern=TEXT_PATTERN, max_length=256)]
+Site = Annotated[str, StringConstraints(pattern=SITE_PATTERN, max_length=64),
+                 Field(description="the worker's site (island): letters, digits, '.', '_', '-'")]
 
 
 def _integral(value: object) -> object:
@@ -104,6 +108,7 @@ Port = json_int(1, 65535)
 Step = json_int(0, MAX_STEP)
 CpuCores = json_int(0, MAX_CPU_CORES)
 Generation = Annotated[int, Field(ge=0, le=MAX_GENERATION)]
+GenerationNumber = json_int(0, MAX_GENERATION)  # strict, for request bodies
 
 
 def finite_or_none(value: object) -> object:
@@ -165,4 +170,6 @@ PATTERN_MEANING = {
     TEXT_PATTERN: "should be at most 256 plain-text characters (no control, format or bidi "
                   "characters)",
     NAME_PATTERN: "should be 1-64 plain-text characters",
+    SITE_PATTERN: "should be 1-64 characters of letters, digits, '.', '_' or '-', starting "
+                  "with a letter or digit",
 }

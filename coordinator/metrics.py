@@ -14,7 +14,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class CoordinatorCollector(Collector):
-    """Workers by status, the current generation, heartbeats, each worker's last loss/step."""
+    """Workers by status, the default site's generation and every site's, the last decided
+    outer round, heartbeats, each worker's last loss/step."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -31,6 +32,14 @@ class CoordinatorCollector(Collector):
                                 value=gen.generation if gen else 0)
         yield GaugeMetricFamily("zerop2p_generation_size", "Members of the active generation",
                                 value=len(gen.members) if gen else 0)
+        sites = GaugeMetricFamily("zerop2p_site_generation",
+                                  "Each site's active generation (sites with none are absent)",
+                                  labels=["site"])
+        for site, number in sorted(store.active_numbers().items()):
+            sites.add_metric([site], number)
+        yield sites
+        yield GaugeMetricFamily("zerop2p_outer_round", "The last decided outer round (0: none)",
+                                value=store.last_round())
         yield CounterMetricFamily("zerop2p_heartbeats", "Heartbeats received since start",
                                   value=self.coordinator.heartbeats_received)
         loss = GaugeMetricFamily("zerop2p_worker_loss", "Last reported loss",

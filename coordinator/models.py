@@ -7,24 +7,30 @@ The value types and their bounds are ``coordinator.fields``; error bodies are
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, model_validator
 
+from coordinator.config import MAX_WAIT_S
 from coordinator.fields import (
+    DEFAULT_SITE,
     MAX_BANDWIDTH_MBPS,
     MAX_RAM_GB,
+    MAX_WORKERS,
     NAME_PATTERN,
     CpuCores,
     ExtraNumber,
     ExtraScalar,
+    GenerationNumber,
     Host,
     Metric,
     Port,
     Rate,
     ShortText,
+    Site,
     Step,
     WorkerId,
+    json_int,
 )
 
 MAX_FIELDS = 40  # properties in one request body, declared and extra together
@@ -49,7 +55,8 @@ def _check_extras(model: BaseModel) -> None:
 
 
 class RegisterRequest(BaseModel):
-    """A worker announcing itself: its id, the address of its gRPC server, its capacity."""
+    """A worker announcing itself: its id, the address of its gRPC server, its capacity, its
+    site (island) and, for the outer rounds across sites, its second gRPC server's port."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra=_EXTRAS_SCHEMA)
     __pydantic_extra__: dict[str, ExtraScalar] = Field(init=False)
@@ -63,6 +70,8 @@ class RegisterRequest(BaseModel):
     cpu_cores: CpuCores | None = None
     ram_gb: Rate = Field(default=None, le=MAX_RAM_GB)
     bandwidth_mbps: Rate = Field(default=None, le=MAX_BANDWIDTH_MBPS)
+    site: Site = DEFAULT_SITE
+    outer_port: Port | None = None
 
     @model_validator(mode="after")
     def _extras(self) -> RegisterRequest:
@@ -124,6 +133,8 @@ class WorkerOut(BaseModel):
     loss: float | None = None
     tokens_per_s: float | None = None
     info: dict[str, Scalar] = {}
+    site: str = DEFAULT_SITE
+    outer_port: int | None = None
 
 
 class PeerOut(BaseModel):
@@ -148,12 +159,81 @@ class ReadyResponse(BaseModel):
 
 
 class GenerationOut(BaseModel):
-    """``GET /training/generation``: the active generation (None when none is), the highest
-    number ever given, and the active one's members."""
+    """``GET /training/generation``: the site's active generation (None when none is), the
+    highest number ever given in any site, and the active one's members."""
 
     generation: int | None
     last_generation: int
     workers: list[PeerOut]
+    site: str = DEFAULT_SITE
+
+
+Seconds = Annotated[StrictFloat, Field(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)]
+
+
+class RoundRequest(BaseModel):
+    """A member of its site's active generation arriving at an outer round (see
+    ``coordinator.islands``): how many islands it expects, how long to wait for them, and how
+    long to hold this request (long-poll)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: WorkerId
+    site: Site = DEFAULT_SITE
+    generation: GenerationNumber
+    joining: StrictBool = False
+    islands: json_int(1, MAX_WORKERS)
+    quorum_timeout: Seconds
+    wait: Seconds = 0.0
+
+
+class IslandMember(BaseModel):
+    """A member of an island as an outer round reports it; ``port`` is its outer port."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    worker_id: str
+    ip_address: str
+    port: int
+    rank: int
+
+
+class IslandOut(BaseModel):
+    """One island in an outer round: its generation as frozen, with its members by rank."""
+
+    site: str
+    generation: int
+    joining: bool
+    members: list[IslandMember]
+
+
+class RoundResponse(BaseModel):
+    """``POST /islands/rounds/{round}``: the islands of the decided round, by site; while
+    ``decided`` is false, those that have arrived so far (post again)."""
+
+    round: int
+    decided: bool
+    islands: list[IslandOut]
+
+
+class IslandSummary(BaseModel):
+    """An island of a decided round, without its members."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    site: str
+    generation: int
+    joining: bool
+
+
+class DecidedRound(BaseModel):
+    """One row of ``GET /islands/rounds``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    round: int
+    decided_at: float
+    islands: list[IslandSummary]
 
 
 class TelemetryRow(BaseModel):

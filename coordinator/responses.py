@@ -42,21 +42,24 @@ _WHY = {
 }
 
 
-def refusals(*statuses: int, inline: bool = False) -> dict[int | str, dict[str, Any]]:
+def refusals(*statuses: int, inline: bool = False,
+             why: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
     """``responses=`` for a route that may answer each of ``statuses`` (422: InvalidRequest).
 
     ``inline`` spells the JSON body out, for a route whose own answers are not JSON (FastAPI
-    would document a model under the route's media type)."""
+    would document a model under the route's media type); ``why`` replaces the descriptions
+    of some statuses, for a route whose refusals mean something else."""
+    reasons = {**_WHY, **(why or {})}
     answers: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         if status == 422:
             answers[status] = {"model": InvalidRequest,
                                "description": "a field is invalid (each one is named)"}
         elif inline:
-            answers[status] = {"description": _WHY[status], "content": {
+            answers[status] = {"description": reasons[status], "content": {
                 "application/json": {"schema": ErrorBody.model_json_schema()}}}
         else:
-            answers[status] = {"model": ErrorBody, "description": _WHY[status]}
+            answers[status] = {"model": ErrorBody, "description": reasons[status]}
     return answers
 
 

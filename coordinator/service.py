@@ -1,5 +1,9 @@
 """Membership rules: registration, heartbeats, leaving, death, and what ends a generation.
 
+Generations are per site: each site (island) has at most one active generation, formed of its
+own alive workers, and a worker's death, leave or re-registration ends only the one it is a
+member of. Numbers are shared by every site, so they never collide on the wire.
+
 Routes and the heartbeat monitor call this; it owns the store and wakes barrier waiters on
 every change. It knows nothing of HTTP: refusals are ``Refusal`` exceptions with a status.
 """
@@ -12,8 +16,9 @@ import time
 from typing import Any
 
 from coordinator.config import TELEMETRY_ROWS_PER_WORKER
-from coordinator.fields import MAX_GENERATION
-from coordinator.store import GenerationRow, Store, WorkerRow
+from coordinator.fields import DEFAULT_SITE, MAX_GENERATION
+from coordinator.rows import GenerationRow, WorkerRow
+from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +54,17 @@ class Coordinator:
     # -- workers -------------------------------------------------------------------------------
 
     def register(self, worker_id: str, *, ip_address: str, port: int, device: str | None,
-                 info: dict[str, Any]) -> bool:
-        """Add or revive a worker; returns whether it was known. A member re-registering
-        ends its generation: its old process, and the peers' connections to it, are gone."""
+                 info: dict[str, Any], site: str = DEFAULT_SITE,
+                 outer_port: int | None = None) -> bool:
+        """Add or revive a worker of ``site``; returns whether it was known. A member
+        re-registering ends its generation: its old process, and the peers' connections to
+        it, are gone."""
         known = self.store.worker(worker_id) is not None
         self.store.upsert_worker(worker_id, ip_address=ip_address, port=port, device=device,
-                                 info=info, now=time.time())
-        log.info("%s %s at %s:%d", worker_id, "re-registered" if known else "registered",
-                 ip_address, port)
+                                 info=info, now=time.time(), site=site, outer_port=outer_port)
+        log.info("%s %s at %s:%d (site %s%s)", worker_id,
+                 "re-registered" if known else "registered", ip_address, port, site,
+                 f", outer port {outer_port}" if outer_port is not None else "")
         self._end_if_member(worker_id, f"{worker_id} re-registered")
         self._notify()
         return known
@@ -114,22 +122,26 @@ class Coordinator:
     # -- generations ---------------------------------------------------------------------------
 
     def _end_if_member(self, worker_id: str, reason: str) -> None:
-        gen = self.store.current_generation()
-        if gen is not None and gen.has(worker_id):
-            self.end_generation(gen, reason)
+        """End the active generation ``worker_id`` is in, whichever site's (a re-registration
+        may have moved the worker to another site since it was frozen)."""
+        for gen in self.store.active_generations():
+            if gen.has(worker_id):
+                self.end_generation(gen, reason)
 
     def end_generation(self, gen: GenerationRow, reason: str) -> None:
         self.store.end_generation(gen.generation, reason=reason, now=time.time())
-        log.warning("generation %d ended: %s", gen.generation, reason)
+        log.warning("generation %d of site %s ended: %s", gen.generation, gen.site, reason)
         self._notify()
 
-    def form_generation(self, min_workers: int, *, at_least: int = 1) -> GenerationRow | None:
-        """The active generation, or a new one (numbered ``at_least`` or more) of every alive
-        worker if at least ``min_workers`` are alive and none is active; None otherwise."""
-        gen = self.store.current_generation()
+    def form_generation(self, min_workers: int, *, at_least: int = 1,
+                        site: str = DEFAULT_SITE) -> GenerationRow | None:
+        """The active generation of ``site``, or a new one (numbered ``at_least`` or more) of
+        every alive worker of ``site`` if at least ``min_workers`` are alive and none is active;
+        None otherwise."""
+        gen = self.store.current_generation(site)
         if gen is not None:
             return gen
-        alive = self.store.workers("alive")
+        alive = self.store.workers("alive", site=site)
         if len(alive) < min_workers:
             return None
         number = max(self.store.last_generation() + 1, at_least)
@@ -138,8 +150,8 @@ class Coordinator:
                       MAX_GENERATION)
             raise Refusal(409, f"generation: {number} would pass the limit {MAX_GENERATION}; "
                                f"the store {self.store.path} has spent its generation numbers")
-        gen = self.store.create_generation(alive, now=time.time(), at_least=number)
-        log.info("generation %d formed: %s", gen.generation,
+        gen = self.store.create_generation(alive, now=time.time(), at_least=number, site=site)
+        log.info("generation %d of site %s formed: %s", gen.generation, site,
                  ", ".join(f"{m.rank}={m.worker_id}" for m in gen.members))
         self._notify()
         return gen

@@ -1,4 +1,5 @@
-"""SQLite state: workers, generations with their members, and the telemetry ring.
+"""SQLite state: workers, generations (one active per site) with their members, the telemetry
+ring, and the decided outer rounds. The tables are ``coordinator.schema``'s.
 
 One connection guarded by a lock; every statement is short, so it runs on the event loop.
 Times are wall-clock seconds so they stay meaningful across a coordinator restart.
@@ -10,89 +11,17 @@ import json
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass, field
 from typing import Any
+
+from coordinator.fields import DEFAULT_SITE
+from coordinator.rows import GenerationRow, IslandRow, Member, RoundRow, WorkerRow
+from coordinator.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS workers (
-    worker_id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,              -- first-registration order: ranks follow it
-    ip_address TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    device TEXT,
-    info TEXT NOT NULL DEFAULT '{}',
-    status TEXT NOT NULL,              -- alive | dead | left
-    registered_at REAL NOT NULL,
-    last_heartbeat REAL NOT NULL,
-    phase TEXT, step INTEGER, loss REAL, tokens_per_s REAL
-);
-CREATE TABLE IF NOT EXISTS generations (
-    generation INTEGER PRIMARY KEY,
-    created_at REAL NOT NULL,
-    ended_at REAL,                     -- NULL while the generation is active
-    end_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS members (
-    generation INTEGER NOT NULL REFERENCES generations(generation),
-    rank INTEGER NOT NULL,
-    worker_id TEXT NOT NULL,
-    ip_address TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    PRIMARY KEY (generation, rank)
-);
-CREATE TABLE IF NOT EXISTS telemetry (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    worker_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    metrics TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS telemetry_by_worker ON telemetry (worker_id, id);
-"""
-
 WORKER_COLUMNS = ("worker_id, ip_address, port, device, info, status, registered_at, "
-                  "last_heartbeat, phase, step, loss, tokens_per_s")
-
-
-@dataclass(slots=True)
-class WorkerRow:
-    """One worker as stored."""
-
-    worker_id: str
-    ip_address: str
-    port: int
-    device: str | None
-    info: dict[str, Any]
-    status: str
-    registered_at: float
-    last_heartbeat: float
-    phase: str | None = None
-    step: int | None = None
-    loss: float | None = None
-    tokens_per_s: float | None = None
-
-
-@dataclass(slots=True)
-class Member:
-    """A worker frozen into a generation, with the address it had then."""
-
-    worker_id: str
-    ip_address: str
-    port: int
-    rank: int
-
-
-@dataclass(slots=True)
-class GenerationRow:
-    """A numbered membership; ``members`` are ordered by rank."""
-
-    generation: int
-    created_at: float
-    members: list[Member] = field(default_factory=list)
-
-    def has(self, worker_id: str) -> bool:
-        return any(m.worker_id == worker_id for m in self.members)
+                  "last_heartbeat, phase, step, loss, tokens_per_s, site, outer_port")
+MEMBER_COLUMNS = "worker_id, ip_address, port, rank, outer_port"
 
 
 def _worker(row: tuple) -> WorkerRow:
@@ -111,7 +40,7 @@ class Store:
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        ensure_schema(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -136,26 +65,33 @@ class Store:
     # -- workers -------------------------------------------------------------------------------
 
     def upsert_worker(self, worker_id: str, *, ip_address: str, port: int, device: str | None,
-                      info: dict[str, Any], now: float) -> None:
-        """Insert a new worker, or revive a known one at its (possibly new) address."""
+                      info: dict[str, Any], now: float, site: str = DEFAULT_SITE,
+                      outer_port: int | None = None) -> None:
+        """Insert a new worker, or revive a known one at its (possibly new) address and site."""
         self._tx([("""
             INSERT INTO workers (worker_id, seq, ip_address, port, device, info, status,
-                                 registered_at, last_heartbeat)
-            VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM workers), ?, ?, ?, ?, 'alive', ?, ?)
+                                 registered_at, last_heartbeat, site, outer_port)
+            VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM workers), ?, ?, ?, ?, 'alive', ?, ?,
+                    ?, ?)
             ON CONFLICT (worker_id) DO UPDATE SET
                 ip_address = excluded.ip_address, port = excluded.port, device = excluded.device,
                 info = excluded.info, status = 'alive', registered_at = excluded.registered_at,
-                last_heartbeat = excluded.last_heartbeat,
+                last_heartbeat = excluded.last_heartbeat, site = excluded.site,
+                outer_port = excluded.outer_port,
                 phase = NULL, step = NULL, loss = NULL, tokens_per_s = NULL
-            """, (worker_id, ip_address, port, device, json.dumps(info), now, now))])
+            """, (worker_id, ip_address, port, device, json.dumps(info), now, now, site,
+                  outer_port))])
 
     def worker(self, worker_id: str) -> WorkerRow | None:
         rows = self._all(f"SELECT {WORKER_COLUMNS} FROM workers WHERE worker_id = ?", (worker_id,))
         return _worker(rows[0]) if rows else None
 
-    def workers(self, status: str | None = None) -> list[WorkerRow]:
-        """Workers in registration order, optionally only those with ``status``."""
-        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+    def workers(self, status: str | None = None, *, site: str | None = None) -> list[WorkerRow]:
+        """Workers in registration order, optionally only those with ``status``, or of
+        ``site``."""
+        conditions = [(c, v) for c, v in (("status = ?", status), ("site = ?", site)) if v]
+        where = ("WHERE " + " AND ".join(c for c, _ in conditions)) if conditions else ""
+        args = tuple(v for _, v in conditions)
         rows = self._all(f"SELECT {WORKER_COLUMNS} FROM workers {where} ORDER BY seq", args)
         return [_worker(r) for r in rows]
 
@@ -196,39 +132,93 @@ class Store:
 
     # -- generations ---------------------------------------------------------------------------
 
-    def current_generation(self) -> GenerationRow | None:
-        """The active generation, if any (at most one is active at a time)."""
-        rows = self._all("SELECT generation, created_at FROM generations "
-                         "WHERE ended_at IS NULL ORDER BY generation DESC LIMIT 1")
-        if not rows:
-            return None
-        gen = GenerationRow(*rows[0])
-        gen.members = [Member(*r) for r in self._all(
-            "SELECT worker_id, ip_address, port, rank FROM members "
-            "WHERE generation = ? ORDER BY rank", (gen.generation,))]
-        return gen
+    def current_generation(self, site: str = DEFAULT_SITE) -> GenerationRow | None:
+        """The active generation of ``site``, if any (at most one per site is active)."""
+        rows = self._all("SELECT generation, created_at, site FROM generations "
+                         "WHERE ended_at IS NULL AND site = ? ORDER BY generation DESC LIMIT 1",
+                         (site,))
+        return self._with_members(rows[0]) if rows else None
+
+    def active_generations(self) -> list[GenerationRow]:
+        """The active generation of every site that has one, by site."""
+        rows = self._all("SELECT generation, created_at, site FROM generations "
+                         "WHERE ended_at IS NULL ORDER BY site, generation")
+        return [self._with_members(r) for r in rows]
+
+    def active_numbers(self) -> dict[str, int]:
+        """Each site with an active generation -> that generation's number (one query)."""
+        return dict(self._all("SELECT site, MAX(generation) FROM generations "
+                              "WHERE ended_at IS NULL GROUP BY site"))
+
+    def generation(self, number: int) -> GenerationRow | None:
+        """Generation ``number``, active or ended, with its members as frozen."""
+        rows = self._all("SELECT generation, created_at, site FROM generations "
+                         "WHERE generation = ?", (number,))
+        return self._with_members(rows[0]) if rows else None
+
+    def _with_members(self, row: tuple) -> GenerationRow:
+        number, created_at, site = row
+        members = [Member(*r) for r in self._all(
+            f"SELECT {MEMBER_COLUMNS} FROM members WHERE generation = ? ORDER BY rank",
+            (number,))]
+        return GenerationRow(number, created_at, members, site)
 
     def last_generation(self) -> int:
-        """The highest generation number ever created (0 if none)."""
+        """The highest generation number ever created, in any site (0 if none)."""
         return self._all("SELECT COALESCE(MAX(generation), 0) FROM generations")[0][0]
 
-    def create_generation(self, workers: list[WorkerRow], *, now: float,
-                          at_least: int = 1) -> GenerationRow:
-        """Freeze ``workers`` (in order: their ranks) into the next numbered generation,
-        numbered ``at_least`` or more."""
+    def create_generation(self, workers: list[WorkerRow], *, now: float, at_least: int = 1,
+                          site: str = DEFAULT_SITE) -> GenerationRow:
+        """Freeze ``workers`` (in order: their ranks) into the next numbered generation of
+        ``site``, numbered ``at_least`` or more (numbers are shared by every site)."""
         number = max(self.last_generation() + 1, at_least)
-        members = [Member(w.worker_id, w.ip_address, w.port, rank)
+        members = [Member(w.worker_id, w.ip_address, w.port, rank, w.outer_port)
                    for rank, w in enumerate(workers)]
-        self._tx([("INSERT INTO generations (generation, created_at) VALUES (?, ?)",
-                   (number, now))] +
-                 [("INSERT INTO members (generation, rank, worker_id, ip_address, port) "
-                   "VALUES (?, ?, ?, ?, ?)", (number, m.rank, m.worker_id, m.ip_address, m.port))
+        self._tx([("INSERT INTO generations (generation, created_at, site) VALUES (?, ?, ?)",
+                   (number, now, site))] +
+                 [("INSERT INTO members (generation, rank, worker_id, ip_address, port, "
+                   "outer_port) VALUES (?, ?, ?, ?, ?, ?)",
+                   (number, m.rank, m.worker_id, m.ip_address, m.port, m.outer_port))
                   for m in members])
-        return GenerationRow(number, now, members)
+        return GenerationRow(number, now, members, site)
 
     def end_generation(self, generation: int, *, reason: str, now: float) -> None:
         self._tx([("UPDATE generations SET ended_at = ?, end_reason = ? "
                    "WHERE generation = ? AND ended_at IS NULL", (now, reason, generation))])
+
+    # -- outer rounds --------------------------------------------------------------------------
+
+    def last_round(self) -> int:
+        """The highest decided outer round (0 if none)."""
+        return self._all("SELECT COALESCE(MAX(round), 0) FROM rounds")[0][0]
+
+    def decide_round(self, number: int, islands: list[IslandRow], *, now: float) -> RoundRow:
+        """Record round ``number`` as decided with ``islands``, in one transaction (a round
+        already decided is refused by its primary key)."""
+        ordered = sorted(islands, key=lambda i: i.site)
+        self._tx([("INSERT INTO rounds (round, decided_at) VALUES (?, ?)", (number, now))] +
+                 [("INSERT INTO round_islands (round, site, generation, joining) "
+                   "VALUES (?, ?, ?, ?)", (number, i.site, i.generation, int(i.joining)))
+                  for i in ordered])
+        return RoundRow(number, now, ordered)
+
+    def decided_rounds(self, *, after: int | None = None, limit: int) -> list[RoundRow]:
+        """Decided rounds in order: the first ``limit`` numbered above ``after``, or without
+        ``after`` the newest ``limit``."""
+        if after is None:
+            rounds = self._all("SELECT round, decided_at FROM rounds ORDER BY round DESC "
+                               "LIMIT ?", (limit,))[::-1]
+        else:
+            rounds = self._all("SELECT round, decided_at FROM rounds WHERE round > ? "
+                               "ORDER BY round LIMIT ?", (after, limit))
+        if not rounds:
+            return []
+        islands: dict[int, list[IslandRow]] = {r: [] for r, _ in rounds}
+        for number, site, generation, joining in self._all(
+                "SELECT round, site, generation, joining FROM round_islands "
+                "WHERE round BETWEEN ? AND ? ORDER BY round, site", (rounds[0][0], rounds[-1][0])):
+            islands[number].append(IslandRow(site, generation, bool(joining)))
+        return [RoundRow(r, at, islands[r]) for r, at in rounds]
 
     # -- telemetry -----------------------------------------------------------------------------
 

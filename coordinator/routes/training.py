@@ -1,4 +1,4 @@
-"""The training-ready barrier and a read-only view of the current generation."""
+"""The training-ready barrier and a read-only view of the current generation, per site."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from coordinator.config import MAX_WAIT_S
-from coordinator.deps import BEARER, BarrierDep, CoordinatorDep, WorkerIdQuery
-from coordinator.fields import MAX_GENERATION, MAX_WORKERS
+from coordinator.deps import BEARER, BarrierDep, CoordinatorDep, SiteQuery, WorkerIdQuery
+from coordinator.fields import DEFAULT_SITE, MAX_GENERATION, MAX_WORKERS
 from coordinator.models import GenerationOut, PeerOut, ReadyResponse
 from coordinator.responses import AUTHED, refusals
 
@@ -21,17 +21,18 @@ async def ready(barrier: BarrierDep,
                 wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
                 worker_id: WorkerIdQuery = None,
                 after: Annotated[int | None, Query(ge=0, le=MAX_GENERATION)] = None,
-                ) -> ReadyResponse:
-    """The barrier (see ``coordinator.barrier``). ``wait`` long-polls up to 60 s;
+                site: SiteQuery = DEFAULT_SITE) -> ReadyResponse:
+    """``site``'s barrier (see ``coordinator.barrier``). ``wait`` long-polls up to 60 s;
     ``worker_id`` makes a non-member see ready false; ``after`` asks for a newer generation.
     409 if a generation is due but the numbers are spent (``MAX_GENERATION``)."""
-    return await barrier.ready(min_workers, wait=wait, worker_id=worker_id, after=after)
+    return await barrier.ready(min_workers, wait=wait, worker_id=worker_id, after=after,
+                               site=site)
 
 
-@router.get("/generation", responses=refusals(*AUTHED))
-async def generation(coord: CoordinatorDep) -> GenerationOut:
-    """The active generation and its members, without forming one (for dashboards)."""
-    gen = coord.store.current_generation()
+@router.get("/generation", responses=refusals(*AUTHED, 422))
+async def generation(coord: CoordinatorDep, site: SiteQuery = DEFAULT_SITE) -> GenerationOut:
+    """``site``'s active generation and its members, without forming one (for dashboards)."""
+    gen = coord.store.current_generation(site)
     return GenerationOut(generation=gen.generation if gen else None,
-                         last_generation=coord.store.last_generation(),
+                         last_generation=coord.store.last_generation(), site=site,
                          workers=[PeerOut.model_validate(m) for m in gen.members] if gen else [])

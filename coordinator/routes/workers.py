@@ -13,11 +13,12 @@ router = APIRouter(prefix="/workers", tags=["workers"], dependencies=BEARER)
 
 @router.post("/register", responses=refusals(*WITH_BODY))
 async def register(body: RegisterRequest, coord: CoordinatorDep) -> Message:
-    """Add a worker, or update a restarted one's address and mark it alive."""
-    info = body.model_dump(exclude={"worker_id", "ip_address", "port", "device"},
-                           exclude_none=True)
+    """Add a worker, or update a restarted one's address and site and mark it alive."""
+    info = body.model_dump(exclude={"worker_id", "ip_address", "port", "device", "site",
+                                    "outer_port"}, exclude_none=True)
     known = coord.register(body.worker_id, ip_address=body.ip_address, port=body.port,
-                           device=body.device, info=info)
+                           device=body.device, info=info, site=body.site,
+                           outer_port=body.outer_port)
     return Message(message=f"{body.worker_id} {'re-registered' if known else 'registered'}")
 
 

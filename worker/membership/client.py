@@ -1,4 +1,5 @@
-"""The worker's async HTTP client for the coordinator: membership, barrier, telemetry.
+"""The worker's async HTTP client for the coordinator: membership, barrier, outer rounds,
+telemetry.
 
 Bodies are built and answers read with the coordinator's own pydantic schemas
 (``coordinator/models.py``, the HTTP contract), so the contract is written once.
@@ -15,39 +16,33 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from coordinator.models import HeartbeatRequest, ReadyResponse, RegisterRequest, TelemetryRequest
+from coordinator.models import (
+    DecidedRound,
+    HeartbeatRequest,
+    ReadyResponse,
+    RegisterRequest,
+    RoundRequest,
+    RoundResponse,
+    TelemetryRequest,
+)
+from worker.membership.views import (  # re-exported: the client's answers
+    DEFAULT_SITE,
+    Generation,
+    IslandInfo,
+    PeerInfo,
+    RoundInfo,
+)
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 WAIT_CHUNK_S = 30.0  # one long-poll's length; the server caps it at 60 s
 REQUEST_TIMEOUT_S = 10.0  # one HTTP request, unless told otherwise
-
-
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
-    """A member of a generation: where its gRPC server listens, and its rank."""
-
-    worker_id: str
-    ip_address: str
-    port: int
-    rank: int
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """A frozen membership as one worker sees it; ``peers`` are ordered by rank."""
-
-    generation: int
-    rank: int
-    world_size: int
-    peers: list[PeerInfo]
 
 
 class CoordinatorError(RuntimeError):
@@ -72,8 +67,8 @@ def _body(schema: type[BaseModel], *, keep_none: bool = False, **fields: Any) ->
                                     f"{problems}") from None
 
 
-def _generation(answer: dict, worker_id: str) -> Generation | None:
-    """This worker's view of a ready answer, or None if it is not a member."""
+def _generation(answer: dict, worker_id: str, site: str) -> Generation | None:
+    """This worker's view of ``site``'s ready answer, or None if it is not a member."""
     ready = ReadyResponse.model_validate(answer)
     if not ready.ready:
         return None
@@ -83,7 +78,14 @@ def _generation(answer: dict, worker_id: str) -> Generation | None:
     if not mine:
         return None
     return Generation(generation=ready.generation, rank=mine[0], world_size=len(peers),
-                      peers=peers)
+                      peers=peers, site=site)
+
+
+def _round(answer: RoundResponse) -> RoundInfo:
+    return RoundInfo(round=answer.round, islands=[
+        IslandInfo(site=i.site, generation=i.generation, joining=i.joining,
+                   members=[PeerInfo(m.worker_id, m.ip_address, m.port, m.rank)
+                            for m in i.members]) for i in answer.islands])
 
 
 class CoordinatorClient:
@@ -141,6 +143,11 @@ class CoordinatorClient:
             attempt += 1
             await asyncio.sleep(delay)
 
+    @property
+    def site(self) -> str:
+        """The site this worker registered in (the default site before it registered)."""
+        return (self._registration or {}).get("site", DEFAULT_SITE)
+
     def _backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1``: capped, exponential, jittered."""
         return min(self.max_backoff, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -183,9 +190,9 @@ class CoordinatorClient:
 
     async def wait_ready(self, min_workers: int, *, timeout: float,
                          after_generation: int | None = None) -> Generation:
-        """Long-poll the barrier until a generation (newer than ``after_generation``, if
-        given) includes this worker; TimeoutError after ``timeout`` seconds (the last poll may
-        end up to one request timeout later).
+        """Long-poll this worker's site's barrier until a generation (newer than
+        ``after_generation``, if given) includes this worker; TimeoutError after ``timeout``
+        seconds (the last poll may end up to one request timeout later).
 
         Each poll asks the server to hold it for at most the time left, so the loop retries
         unreachable coordinators itself: a retry inside ``_request`` would resend a stale wait
@@ -193,10 +200,11 @@ class CoordinatorClient:
         deadline = time.monotonic() + timeout
         answer: dict = {"active_workers": 0}
         attempt = 0
+        site = self.site
         while (remaining := deadline - time.monotonic()) > 0:
             chunk = min(remaining, WAIT_CHUNK_S)
             params = {"min_workers": min_workers, "worker_id": self.worker_id,
-                      "wait": f"{chunk:.3f}"}
+                      "wait": f"{chunk:.3f}", "site": site}
             if after_generation is not None:
                 params["after"] = after_generation
             try:
@@ -212,12 +220,60 @@ class CoordinatorClient:
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
-            gen = _generation(answer, self.worker_id)
+            gen = _generation(answer, self.worker_id, site)
             if gen is not None and (after_generation is None or gen.generation > after_generation):
                 return gen
+        where = "" if site == DEFAULT_SITE else f" of site {site}"
         raise TimeoutError(
-            f"{self.worker_id}: barrier for {min_workers} workers not met within {timeout:.1f}s "
-            f"({answer.get('active_workers', 0)} alive, generation {answer.get('generation')})")
+            f"{self.worker_id}: barrier for {min_workers} workers{where} not met within "
+            f"{timeout:.1f}s ({answer.get('active_workers', 0)} alive, generation "
+            f"{answer.get('generation')})")
+
+    async def outer_round(self, round: int, *, site: str, generation: int, joining: bool,
+                          islands: int, quorum_timeout: float, timeout: float) -> RoundInfo:
+        """Arrive at outer round ``round`` for ``site``'s ``generation`` and long-poll until
+        the coordinator decides it (``islands`` sites arrived, or ``quorum_timeout`` s passed
+        since the first did); TimeoutError after ``timeout`` s naming the sites that had
+        arrived. A refusal (409: not a member of that generation, a round out of turn) raises
+        ``CoordinatorError``. The round may be decided without ``site``: see
+        ``RoundInfo.island``. Unreachable coordinators are retried here, as in ``wait_ready``.
+        """
+        deadline = time.monotonic() + timeout
+        arrived: list[str] | None = None
+        attempt = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            chunk = min(remaining, WAIT_CHUNK_S)
+            body = _body(RoundRequest, worker_id=self.worker_id, site=site,
+                         generation=generation, joining=joining, islands=islands,
+                         quorum_timeout=quorum_timeout, wait=chunk)
+            try:
+                raw = await self._request("POST", f"/islands/rounds/{round}", body=body,
+                                          timeout=chunk + self.request_timeout, retry_for=0.0)
+            except CoordinatorError as exc:
+                delay = self._backoff(attempt)
+                if exc.status is not None or time.monotonic() + delay >= deadline:
+                    raise
+                if attempt == 0:
+                    log.warning("coordinator outer round %d: %s; retrying", round, exc.message)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            answer = RoundResponse.model_validate(raw)
+            if answer.decided:
+                return _round(answer)
+            arrived = [i.site for i in answer.islands]
+        known = "unknown" if arrived is None else (", ".join(arrived) or "none")
+        raise TimeoutError(
+            f"{self.worker_id}: outer round {round} for site {site} (generation {generation}) "
+            f"not decided within {timeout:.1f}s; {islands} islands expected, arrived: {known}")
+
+    async def last_round(self, *, retry_for: float | None = None) -> int:
+        """The newest decided outer round (0 if none)."""
+        raw = await self._request("GET", "/islands/rounds", params={"limit": 1},
+                                  retry_for=retry_for)
+        rows = [DecidedRound.model_validate(r) for r in raw]
+        return rows[-1].round if rows else 0
 
 
 async def _detail(resp: aiohttp.ClientResponse) -> str:

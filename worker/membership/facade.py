@@ -14,8 +14,9 @@ import time
 from typing import Any
 
 from communication.loop_thread import LoopThread
-from worker.membership.client import REQUEST_TIMEOUT_S, CoordinatorClient, Generation
+from worker.membership.client import REQUEST_TIMEOUT_S, CoordinatorClient
 from worker.membership.heartbeat import HeartbeatTask
+from worker.membership.views import DEFAULT_SITE, Generation, RoundInfo
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,19 @@ CLOSE_DEADLINE_S = 5.0
 
 
 class Membership:
-    """Join, rejoin, report and leave, from synchronous code."""
+    """Join, rejoin, take part in outer rounds, report and leave, from synchronous code.
+
+    ``site`` is the island this worker trains in (its generations are that site's);
+    ``outer_port`` is its second gRPC server, where other islands reach it in outer rounds."""
 
     def __init__(self, url: str, *, token: str | None = None, worker_id: str, ip_address: str,
                  port: int, device: str = "cpu", heartbeat_interval: float = 2.0,
-                 request_timeout: float = REQUEST_TIMEOUT_S, **info: Any) -> None:
+                 request_timeout: float = REQUEST_TIMEOUT_S, site: str = DEFAULT_SITE,
+                 outer_port: int | None = None, **info: Any) -> None:
         self.worker_id = worker_id
-        self._registration = {"ip_address": ip_address, "port": port, "device": device, **info}
+        self.site = site
+        self._registration = {"ip_address": ip_address, "port": port, "device": device,
+                              "site": site, "outer_port": outer_port, **info}
         self._client = CoordinatorClient(url, token=token, worker_id=worker_id,
                                          request_timeout=request_timeout)
         self._heartbeat = HeartbeatTask(self._client, interval=heartbeat_interval)
@@ -96,6 +103,28 @@ class Membership:
                          timeout, f"rejoin after generation {self._last_generation}")
         self._last_generation = gen.generation
         return gen
+
+    def outer_round(self, round: int, *, site: str | None = None,
+                    generation: int | None = None, joining: bool = False, islands: int,
+                    quorum_timeout: float, timeout: float) -> RoundInfo:
+        """Arrive at outer round ``round`` and wait until it is decided (see
+        ``CoordinatorClient.outer_round``); ``site`` and ``generation`` default to this
+        worker's site and the last generation it was given."""
+        site = self.site if site is None else site
+        generation = self._last_generation if generation is None else generation
+        if generation is None:
+            raise RuntimeError(f"{self.worker_id}: outer round {round} before joining a "
+                               f"generation of site {site}")
+        return self._call(self._client.outer_round(
+            round, site=site, generation=generation, joining=joining, islands=islands,
+            quorum_timeout=quorum_timeout, timeout=timeout),
+            timeout, f"outer round {round} of site {site} (generation {generation})")
+
+    def last_round(self) -> int:
+        """The newest decided outer round (0 if none); retried for one request timeout."""
+        retry_for = self._client.request_timeout
+        return self._call(self._client.last_round(retry_for=retry_for), retry_for,
+                          "last outer round")
 
     def update_status(self, **status: Any) -> None:
         """Set fields of the next heartbeats' status; never blocks."""
