@@ -20,6 +20,7 @@ bed is open; a signal during teardown is held until teardown is done).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,14 @@ def _interrupt(signum: int, frame) -> None:
 
 
 class NetBed:
-    """A coordinator, N workers and the links between them; see the module docstring."""
+    """A coordinator, N workers and the links between them; see the module docstring.
+
+    Where things go is four hooks a subclass (``islands.IslandBed``) replaces: ``_roles`` (one
+    namespace each), ``_proxied_ports`` (each host's public ports), ``_check_roles`` (the link
+    the self-check measures) and ``_worker_argv``; ``local_bypass`` makes a host's proxy
+    forward its own host's connections without delay."""
+
+    local_bypass = False  # one worker per namespace: nothing local ever dials a proxy
 
     def __init__(self, profile: Profile, *, world_size: int, worker_args: Sequence[str] = (),
                  worker_env: dict | None = None, token: str = "netbed-token", echo: bool = False,
@@ -142,23 +150,31 @@ class NetBed:
         if lacks := missing_tools():
             raise RuntimeError(f"link profile {self.link.name} needs network namespaces: "
                                f"missing {', '.join(lacks)}")
-        roles = ["c", *(f"w{i}" for i in range(self.world_size))]
-        self.topology = Topology(roles=roles, bandwidth_mbit=self.link.bandwidth_mbit)
+        self.topology = Topology(roles=self._roles(), bandwidth_mbit=self.link.bandwidth_mbit)
         self.topology.create()
         if self.link.rtt_ms <= 0:
             return
-        hosts = self.topology.hosts
-        self._start_proxy(hosts["c"], [HTTP_PORT])
-        for i in range(self.world_size):
-            self._start_proxy(hosts[f"w{i}"], [GRPC_PORT] + ([CHECK_PORT] if i == 0 else []))
+        for role, ports in self._proxied_ports().items():
+            self._start_proxy(self.topology.hosts[role], ports)
+
+    def _roles(self) -> list[str]:
+        """One namespace each: the coordinator's, then one per worker."""
+        return ["c", *(f"w{i}" for i in range(self.world_size))]
+
+    def _proxied_ports(self) -> dict[str, list[int]]:
+        """The public ports each role's proxy serves (the self-check's on its server's host)."""
+        ports = {"c": [HTTP_PORT], **{f"w{i}": [GRPC_PORT] for i in range(self.world_size)}}
+        ports[self._check_roles()[0]].append(CHECK_PORT)
+        return ports
 
     def _start_proxy(self, host: Host, ports: list[int]) -> None:
         delay_s = self.link.one_way_delay_s
         rate = (self.link.bandwidth_mbit or 10_000) * 1e6 / 8
         queue = max(8 << 20, int(2 * rate * delay_s))  # it must hold bandwidth x delay
         routes = [f"{host.address}:{p}=127.0.0.1:{p + INNER}" for p in ports]
+        bypass = ["--local-bypass", host.address] if self.local_bypass else []
         argv = [*host.exec_prefix(), sys.executable, "-m", "harness.netbed.proxy",
-                "--delay-ms", f"{delay_s * 1000:g}", "--queue-bytes", str(queue), *routes]
+                "--delay-ms", f"{delay_s * 1000:g}", "--queue-bytes", str(queue), *bypass, *routes]
         child, _ = spawn(f"proxy-{host.role}", argv, env=self._env, echo=self.echo,
                          wait_for=PROXY_READY, timeout=30.0)
         self.proxies.append(child)
@@ -204,39 +220,59 @@ class NetBed:
 
     # --- self-check --------------------------------------------------------------------------
 
-    def check(self, *, strict: bool = True, nbytes: int = selfcheck.TRANSFER_BYTES,
-              pings: int = 9) -> CheckResult:
-        """Measure RTT and throughput across one link (worker 1, or the coordinator's host for
-        a single worker, dialing worker 0's host through its proxy) and hold them to the
-        profile. ``strict``: raise LinkCheckError when off; either way ``run`` refuses then."""
-        server_host = self._host("w0")
-        client_host = self._host("w1" if self.world_size > 1 else "c")
-        prefix, bind, port = self._serve(server_host, CHECK_PORT)
+    def _check_roles(self) -> tuple[str, str]:
+        """(server, client) of the self-check: worker 1 (or, for a single worker, the
+        coordinator's host) dials worker 0's host."""
+        return "w0", "w1" if self.world_size > 1 else "c"
+
+    @contextlib.contextmanager
+    def _check_server(self) -> Iterator[str]:
+        """A self-check server on the check's server host, behind its proxy; yields the
+        address a client dials, and stops the server on the way out."""
+        host = self._host(self._check_roles()[0])
+        prefix, bind, port = self._serve(host, CHECK_PORT)
         argv = [*prefix, sys.executable, "-m", "harness.netbed.selfcheck", "serve",
                 "--host", bind, "--port", str(port)]
         server, bound = spawn("selfcheck", argv, env=self._env, echo=self.echo,
                               wait_for=CHECK_READY, timeout=30.0)
         self._checker = [server]
-        target = bound if server_host is None else f"{server_host.address}:{CHECK_PORT}"
-        client = client_host.exec_prefix() if client_host is not None else []
-        bw = self.link.bandwidth_mbit or 1000.0
-        transfer_timeout = 30.0 + 3 * nbytes * 8 / (bw * 1e6)
         try:
-            rtts = selfcheck.client(client, ["ping", "--target", target, "--count", str(pings)],
-                                    env=self._env, timeout=30.0)["rtt_ms"]
-            cpu0 = self.proxy_cpu_seconds()
-            sent = selfcheck.client(client, ["transfer", "--target", target, "--bytes",
-                                             str(nbytes), "--timeout", str(transfer_timeout)],
-                                    env=self._env, timeout=transfer_timeout + 10)
-            cpu = self.proxy_cpu_seconds() - cpu0
+            yield bound if host is None else f"{host.address}:{CHECK_PORT}"
         finally:
             kill_all([server])
+
+    def measure(self, client: str | None = None, *, nbytes: int = selfcheck.TRANSFER_BYTES,
+                pings: int = 9) -> tuple[list[float], float, float]:
+        """RTT samples (ms), seconds of an ``nbytes`` upload and the proxies' CPU seconds
+        meanwhile, from ``client``'s host (default: the check's client) to the self-check
+        server; ``nbytes=0`` measures the RTT only."""
+        host = self._host(client or self._check_roles()[1])
+        prefix = host.exec_prefix() if host is not None else []
+        bw = self.link.bandwidth_mbit or 1000.0
+        transfer_timeout = 30.0 + 3 * nbytes * 8 / (bw * 1e6)
+        with self._check_server() as target:
+            rtts = selfcheck.client(prefix, ["ping", "--target", target, "--count", str(pings)],
+                                    env=self._env, timeout=30.0)["rtt_ms"]
+            if nbytes <= 0:
+                return rtts, 0.0, 0.0
+            cpu0 = self.proxy_cpu_seconds()
+            sent = selfcheck.client(prefix, ["transfer", "--target", target, "--bytes",
+                                             str(nbytes), "--timeout", str(transfer_timeout)],
+                                    env=self._env, timeout=transfer_timeout + 10)
+            return rtts, sent["seconds"], self.proxy_cpu_seconds() - cpu0
+
+    def check(self, *, strict: bool = True, nbytes: int = selfcheck.TRANSFER_BYTES,
+              pings: int = 9) -> CheckResult:
+        """Measure RTT and throughput across one link (``_check_roles``: the client dials the
+        server's host through its proxy) and hold them to the profile. ``strict``: raise
+        LinkCheckError when off; either way ``run`` refuses then."""
+        rtts, seconds, cpu = self.measure(nbytes=nbytes, pings=pings)
         rtt = statistics.median(rtts)
-        mbit = selfcheck.goodput_mbit(nbytes, sent["seconds"], rtt)
+        mbit = selfcheck.goodput_mbit(nbytes, seconds, rtt)
         result = CheckResult(
             profile=self.profile, rtt_ms=rtt, rtt_samples_ms=tuple(rtts), transfer_bytes=nbytes,
-            transfer_s=sent["seconds"], mbit_s=mbit, proxy_cpu_s=cpu,
-            proxy_cpu_share=cpu / sent["seconds"], tolerance=self.tolerance,
+            transfer_s=seconds, mbit_s=mbit, proxy_cpu_s=cpu,
+            proxy_cpu_share=cpu / seconds if seconds > 0 else 0.0, tolerance=self.tolerance,
             problems=selfcheck.problems(self.profile, rtt_ms=rtt, mbit_s=mbit,
                                         tolerance=self.tolerance))
         log.info("%s", result.summary())
@@ -286,13 +322,24 @@ class NetBed:
 
     def _worker_argv(self, i: int) -> list[str]:
         host = self._host(f"w{i}")
-        if host is None:
-            net, entry = ["--host", "127.0.0.1"], self.worker_entry
-        else:
-            _, bind, port = self._serve(host, GRPC_PORT)
-            net = ["--host", host.address, "--bind-host", bind, "--port", str(port)]
-            if self.link.rtt_ms > 0:
-                net += ["--advertise", f"{host.address}:{GRPC_PORT}"]
-            entry = [*host.exec_prefix(), *self.worker_entry]
         return worker_argv(self._url, worker_id=f"w{i}", min_workers=self.world_size,
-                           extra=net + self.worker_args, entry=entry)
+                           extra=self._net_args(host, [("--port", "--advertise", GRPC_PORT)])
+                           + self.worker_args, entry=self._entry(host))
+
+    def _entry(self, host: Host | None) -> list[str]:
+        """The worker command, run inside ``host``'s namespace (lan: as it is)."""
+        return self.worker_entry if host is None else [*host.exec_prefix(), *self.worker_entry]
+
+    def _net_args(self, host: Host | None, servers: list[tuple[str, str, int]]) -> list[str]:
+        """A worker's address flags on ``host``: ``--host`` and ``--bind-host``, then for each
+        (port flag, advertise flag, public port) of its servers the port it binds and, behind
+        a proxy, the proxy's address it advertises. lan: loopback, ports the OS picks."""
+        if host is None:
+            return ["--host", "127.0.0.1", *(a for flag, _, _ in servers for a in (flag, "0"))]
+        _, bind, _ = self._serve(host, 0)
+        net = ["--host", host.address, "--bind-host", bind]
+        for port_flag, advertise_flag, public in servers:
+            net += [port_flag, str(self._serve(host, public)[2])]
+            if self.link.rtt_ms > 0:
+                net += [advertise_flag, f"{host.address}:{public}"]
+        return net

@@ -10,7 +10,11 @@ Whole chunks are forwarded as read (no per-byte Python work); each direction has
 queue, so a proxy that cannot write (a slow link) stops reading and TCP's own flow control
 pushes back on the sender, as a real path does once its bytes in flight fill the window.
 
-    python -m harness.netbed.proxy --delay-ms 25 LISTEN_HOST:PORT=TARGET_HOST:PORT [...]
+A connection whose source address is named by ``--local-bypass`` (the host's own address: a
+process in the same namespace, a worker dialing a peer of its own site) is forwarded with no
+delay and no pacing: it never leaves the host, so it is a lan, not a link.
+
+    python -m harness.netbed.proxy --delay-ms 25 [--local-bypass ADDR] LISTEN_HOST:PORT=TARGET_HOST:PORT [...]
 
 prints ``proxy ready on HOST:PORT[,HOST:PORT...]`` (port 0 is replaced by the bound one).
 """
@@ -23,7 +27,7 @@ import contextlib
 import logging
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +63,25 @@ class Route:
 class ProxyConfig:
     """``delay_s`` one way (half the RTT); ``queue_bytes`` held per direction at most (it must
     cover bandwidth x delay, or the proxy itself caps the throughput); ``pace_s`` the pause
-    between reads of a stream (see ``_pipe``)."""
+    between reads of a stream (see ``_pipe``); ``bypass`` the source addresses that are local
+    to the proxy's host, whose connections get neither delay nor pacing (``for_peer``)."""
 
     delay_s: float
     queue_bytes: int = 8 << 20
     pace_s: float = 0.001
+    bypass: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if self.delay_s < 0 or self.queue_bytes < CHUNK:
             raise ValueError(f"proxy delay {self.delay_s} s must be >= 0 and queue "
                              f"{self.queue_bytes} bytes >= {CHUNK}")
+
+    def for_peer(self, peer: tuple | None) -> ProxyConfig:
+        """What one connection from ``peer`` (its socket's peername) gets: this config, or
+        for a local source no delay and no pacing (a plain copy, as fast as the loop goes)."""
+        if peer is not None and peer[0] in self.bypass:
+            return replace(self, delay_s=0.0, pace_s=0.0)
+        return self
 
 
 async def _pipe(reader: asyncio.StreamReader, source: asyncio.Transport,
@@ -136,6 +149,7 @@ async def _serve_one(route: Route, cfg: ProxyConfig, down_r: asyncio.StreamReade
     """One accepted connection: dial the target, then both directions until both are done
     or either side fails (a reset closes both ends at once)."""
     peer = down_w.get_extra_info("peername")
+    cfg = cfg.for_peer(peer)
     try:
         up_r, up_w = await asyncio.wait_for(
             asyncio.open_connection(route.target_host, route.target_port, limit=CHUNK), 10.0)
@@ -172,7 +186,9 @@ async def start(routes: list[Route], cfg: ProxyConfig) -> list[asyncio.Server]:
 async def _main(routes: list[Route], cfg: ProxyConfig) -> None:
     servers = await start(routes, cfg)
     bound = [f"{r.listen_host}:{s.sockets[0].getsockname()[1]}" for r, s in zip(routes, servers)]
-    print(f"{READY} {','.join(bound)} (delay {cfg.delay_s * 1000:g} ms each way)", flush=True)
+    local = f", none from {','.join(sorted(cfg.bypass))}" if cfg.bypass else ""
+    print(f"{READY} {','.join(bound)} (delay {cfg.delay_s * 1000:g} ms each way{local})",
+          flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
@@ -181,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delay-ms", type=float, required=True, help="one-way delay (RTT / 2)")
     ap.add_argument("--queue-bytes", type=int, default=8 << 20, help="held per direction at most")
+    ap.add_argument("--local-bypass", action="append", default=[], metavar="ADDR",
+                    help="a source address forwarded without delay (the host's own; repeatable)")
     ap.add_argument("routes", nargs="+", type=Route.parse, help="LHOST:LPORT=THOST:TPORT")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = ProxyConfig(delay_s=args.delay_ms / 1000.0, queue_bytes=args.queue_bytes)
+    cfg = ProxyConfig(delay_s=args.delay_ms / 1000.0, queue_bytes=args.queue_bytes,
+                      bypass=frozenset(args.local_bypass))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args.routes, cfg))
     return 0
