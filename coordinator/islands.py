@@ -72,13 +72,16 @@ class Islands:
         last = self.coordinator.store.last_round()
         if number <= last:
             return self._decided(number)
-        if number != last + 1:
+        self._drop_ended(number)
+        # Before any decision the first post opens its own round: islands resumed from their
+        # checkpoints on a new coordinator go on from the round they saved.
+        expected = (self._pending if self._arrivals else number) if last == 0 else last + 1
+        if number != expected:
             raise Refusal(409, f"round {number}: posted by {request.worker_id!r} of site "
-                               f"{request.site!r}, but the next round to decide is {last + 1} "
+                               f"{request.site!r}, but the next round to decide is {expected} "
                                f"(round {last} was the last decided)")
         if self._pending != number:
             self._pending, self._arrivals = number, {}
-        self._drop_ended(number)
         if request.site not in self._arrivals:
             island = IslandRow(request.site, gen.generation, request.joining)
             self._arrivals[request.site] = Arrival(island, now)
@@ -148,7 +151,12 @@ class Islands:
         """A decided round's answer, as stored."""
         if self._answer is not None and self._answer.round == number:
             return self._answer
-        [row] = self.coordinator.store.decided_rounds(after=number - 1, limit=1)
+        rows = self.coordinator.store.decided_rounds(after=number - 1, limit=1)
+        if not rows or rows[0].round != number:
+            first = rows[0].round if rows else None
+            raise Refusal(409, f"round {number} was never decided: this coordinator's rounds "
+                               f"began at {first}")
+        [row] = rows
         answer = RoundResponse(round=number, decided=True,
                                islands=[self._island(i) for i in row.islands])
         if self._answer is None or number > self._answer.round:

@@ -213,8 +213,6 @@ def test_refusals_name_the_worker_site_and_numbers_and_count_nothing(url, tmp_pa
         assert "'a0' is registered at site 'alpha', not 'beta'" in r["detail"], r
         r = post(http, 1, "lone", 3, site="gamma", status=409)
         assert "without an outer_port (lone)" in r["detail"], r
-        r = post(http, 3, "a0", gens["alpha"], status=409)
-        assert "round 3" in r["detail"] and "next round to decide is 1" in r["detail"], r
         assert "unknown worker 'ghost'" in post(http, 1, "ghost", 1, status=404)["detail"]
         for change, field in (({"islands": 0}, "islands"), ({"quorum_timeout": 61}, "quorum"),
                               ({"wait": -1}, "wait"), ({"site": "a b"}, "site"),
@@ -229,6 +227,8 @@ def test_refusals_name_the_worker_site_and_numbers_and_count_nothing(url, tmp_pa
         # None of the refused posts was counted: alpha alone is all that has arrived.
         pending = post(http, 1, "a0", gens["alpha"])
         assert not pending["decided"] and [i["site"] for i in pending["islands"]] == ["alpha"]
+        r = post(http, 3, "b0", gens["beta"], status=409)  # round 1 is open
+        assert "round 3" in r["detail"] and "next round to decide is 1" in r["detail"], r
         with client(url, token=None) as anon:
             assert anon.post("/islands/rounds/1", json={}).status_code == 401
             assert anon.get("/islands/rounds").status_code == 401
