@@ -47,6 +47,11 @@ class Phase(str, enum.Enum):
     CHECKPOINT_BARRIER = "checkpoint_barrier"  # index 0: rank files written; 1: published
     BUDDY_SHIFT = "buddy_shift"  # a rank's snapshot moving to rank r+1 after a step
     RESCUE_BARRIER = "rescue_barrier"  # a new generation publishing buddy copies (index 0, 1)
+    # Between islands (worker/islands/outer.py), on the outer transport; generation = round.
+    OUTER_WEIGHT = "outer_weight"  # each island's weight in the average (tokens, or 1)
+    OUTER_REDUCE = "outer_reduce"  # pseudo-gradients, summed into each owner's part
+    OUTER_GATHER = "outer_gather"  # the summed parts, to every island
+    OUTER_STATE = "outer_state"  # the global copy and outer momentum, to islands that join
 
 
 _PHASE_WORDS = {
@@ -54,7 +59,9 @@ _PHASE_WORDS = {
     Phase.GATHER_WEIGHTS: "weights all-gather", Phase.REDUCE_SCATTER: "reduce-scatter",
     Phase.ALL_REDUCE: "all-reduce", Phase.BARRIER: "barrier",
     Phase.CHECKPOINT_BARRIER: "checkpoint barrier", Phase.BUDDY_SHIFT: "buddy shift",
-    Phase.RESCUE_BARRIER: "rescue barrier",
+    Phase.RESCUE_BARRIER: "rescue barrier", Phase.OUTER_WEIGHT: "outer weight all-reduce",
+    Phase.OUTER_REDUCE: "outer reduce-scatter", Phase.OUTER_GATHER: "outer all-gather",
+    Phase.OUTER_STATE: "outer state broadcast",
 }
 
 

@@ -7,7 +7,6 @@ activity of the engine, trainer and checkpoints (worker/engine/progress.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -16,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from communication.collectives import CollectiveError, Collectives
 from communication.grpc_collectives import GrpcCollectives
 from communication.grpc_transport import GrpcTransport
 from communication.torch_collectives import TorchCollectives
-from worker.cluster.ports import free_port
+from worker.cluster.ports import free_port, parse_address
 from worker.data.classification import ClassificationData
 from worker.data.packing import PackedText
 from worker.data.tokenizer import load_tokenizer
@@ -31,6 +29,7 @@ from worker.engine.progress import NO_OBSERVERS, Observer, Observers
 from worker.engine.recompute import checkpoint_units
 from worker.engine.shard import shard_model
 from worker.engine.zero3 import Zero3Engine
+from worker.islands.wiring import build_outer, island_max, start_outer_transport
 from worker.logs import set_rank
 from worker.membership.client import Generation
 from worker.membership.facade import Membership
@@ -41,6 +40,7 @@ from worker.models.lora import apply_lora
 from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
 from worker.train.config import TrainConfig
+from worker.train.output import write_output
 from worker.train.step_log import StepLog
 from worker.train.traffic import replicate_frozen
 from worker.train.trainer import Trainer
@@ -61,6 +61,8 @@ class WorkerConfig:
     # HOST:PORT peers should dial instead of host and the bound port (NAT, port forwarding,
     # a proxy in front of the peer server)
     advertise: str | None = None
+    outer_port: int = 0  # islands: the outer gRPC server's port (0: a free one)
+    outer_advertise: str | None = None  # HOST:PORT other islands dial for it
     min_workers: int = 2
     join_timeout: float = 120.0
     heartbeat_interval: float = 2.0
@@ -69,18 +71,15 @@ class WorkerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.advertise is not None:
-            parse_address(self.advertise)
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) split; ValueError naming what is wrong."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"advertise address {address!r} is not HOST:PORT with a port in "
-                         "1..65535")
-    return host, int(port)
+        for address in (self.advertise, self.outer_advertise):
+            if address is not None:
+                parse_address(address)
+        if self.outer_advertise is not None:
+            outer_host = parse_address(self.outer_advertise)[0]
+            own = parse_address(self.advertise)[0] if self.advertise else self.host
+            if outer_host != own:
+                raise ValueError(f"outer advertise host {outer_host!r} differs from the host "
+                                 f"peers dial, {own!r}: the coordinator keeps one address")
 
 
 def build_collectives(cfg: WorkerConfig, generation: Generation,
@@ -156,34 +155,9 @@ def shard_for_training(train: TrainConfig, model, collectives: Collectives, gene
     return engine
 
 
-def write_output(out_dir: str, engine: Zero3Engine, trainer: Trainer,
-                 generation: Generation) -> None:
-    """Rank 0 saves the full trained weights (safetensors) and a result JSON; all ranks gather."""
-    weights = dict(engine.iter_full_weights())
-    if generation.rank != 0:
-        return
-    path = Path(out_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "weights.safetensors"))
-    result = {
-        "world_size": generation.world_size,
-        "generation": generation.generation,
-        "losses": [s.loss for s in trainer.history],
-        "grad_norms": [s.grad_norm for s in trainer.history],
-        "eval": trainer.eval_history,
-        "steps": [s.to_dict() for s in trainer.history],
-        "collectives_per_step": {
-            p.value: n / max(len(trainer.history), 1) for p, n in engine.collective_counts.items()
-        },
-        # rank 0's pushed payload and header bytes by phase (gRPC only), final gather included
-        "bytes_sent": {p.value: n for p, n in getattr(engine.collectives, "bytes_sent",
-                                                       {}).items()},
-    }
-    (path / "result.json").write_text(json.dumps(result, indent=1))
-
-
 def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTransport | None,
-                     membership: Membership, data, observers: Observers = NO_OBSERVERS) -> int:
+                     membership: Membership, data, observers: Observers = NO_OBSERVERS,
+                     between: GrpcTransport | None = None) -> int:
     """Train in one generation: fresh collectives, model and shards, resume from the newest
     checkpoint (resharded to this world size), run to the end. Raises CollectiveError when a
     peer is lost; the caller rejoins."""
@@ -192,7 +166,7 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
     trainer = step_log = None
     try:
         if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
-            publish_rescue(cfg.train.checkpoint_dir, collectives, generation=gen.generation,
+            publish_rescue(cfg.train.checkpoint_root, collectives, generation=gen.generation,
                            rank=gen.rank, timeout=cfg.train.timeout)
         model = build_trainable_model(cfg.train, data, on_meta=True)
         engine = shard_for_training(cfg.train, model, collectives, gen.generation, observers)
@@ -209,10 +183,15 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
 
         membership.update_status(phase="train")
 
+        outer = build_outer(cfg.train.islands, engine, between, membership,
+                            generation=gen.generation, rank=gen.rank, world_size=gen.world_size,
+                            timeout=cfg.train.timeout, lora=cfg.train.lora)
         trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
-                          world_size=gen.world_size, on_step=on_step)
+                          world_size=gen.world_size, on_step=on_step, outer=outer)
         if trainer.resume():
             log.info("rank %d resumed at step %d", gen.rank, trainer.step)
+        if outer is not None:
+            outer.rejoin_if_behind(lambda value: island_max(engine, value))
         trainer.run(progress=gen.rank == 0 and os.isatty(2))
         if cfg.output:
             write_output(cfg.output, engine, trainer, gen)
@@ -222,7 +201,7 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
         return 0
     except (CollectiveError, TimeoutError):
         if trainer is not None and trainer.buddy is not None:
-            write_rescue(trainer.buddy, cfg.train.checkpoint_dir)
+            write_rescue(trainer.buddy, cfg.train.checkpoint_root)
         raise
     finally:
         collectives.close()
@@ -246,10 +225,16 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
         host, port = parse_address(cfg.advertise)
         log.info("%s serves on %s:%d and advertises %s:%d", cfg.worker_id, cfg.bind_host,
                  transport.port if transport else cfg.port, host, port)
+    outer = start_outer_transport(cfg.train.islands, bind_host=cfg.bind_host, port=cfg.outer_port,
+                            token=cfg.token)
+    outer_port = None if outer is None else outer.port
+    if cfg.outer_advertise is not None:
+        outer_port = parse_address(cfg.outer_advertise)[1]  # the host is the worker's own
     membership = Membership(cfg.coordinator, token=cfg.token, worker_id=cfg.worker_id,
                             ip_address=host, port=port, device=cfg.train.device,
                             heartbeat_interval=cfg.heartbeat_interval,
-                            cpu_cores=os.cpu_count() or 1)
+                            cpu_cores=os.cpu_count() or 1, site=cfg.train.islands.site,
+                            outer_port=outer_port)
     try:
         data = build_data(cfg.train)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
@@ -258,7 +243,7 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
             log.info("%s in generation %d as rank %d of %d", cfg.worker_id, gen.generation,
                      gen.rank, gen.world_size)
             try:
-                code = train_generation(cfg, gen, transport, membership, data, bus)
+                code = train_generation(cfg, gen, transport, membership, data, bus, outer)
                 break
             except (CollectiveError, TimeoutError) as err:
                 if attempt == cfg.max_recoveries:
@@ -278,5 +263,6 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
         return 130
     finally:
         membership.close()
-        if transport is not None:
-            transport.close()
+        for server in (transport, outer):
+            if server is not None:
+                server.close()

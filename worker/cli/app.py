@@ -72,7 +72,11 @@ def worker(
     port: int = typer.Option(0, help="peer port (0: a free one)"),
     advertise: str = typer.Option(None, help="HOST:PORT peers should dial instead of --host "
                                   "and the bound port (NAT, port forwarding, a proxy)"),
-    min_workers: int = typer.Option(2, help="workers the barrier waits for"),
+    outer_port: int = typer.Option(0, help="port of the outer (between-islands) gRPC server, "
+                                   "with --sites (0: a free one)"),
+    outer_advertise: str = typer.Option(None, help="HOST:PORT other islands should dial for "
+                                        "the outer server"),
+    min_workers: int = typer.Option(2, help="workers the barrier waits for (in this site)"),
     join_timeout: float = typer.Option(300.0, help="seconds to wait at the barrier"),
     output: str = typer.Option(None, help="rank 0 writes final weights and result.json here"),
     max_recoveries: int = typer.Option(3, help="times to rejoin and resume after a lost peer"),
@@ -94,6 +98,7 @@ def worker(
     try:
         cfg = WorkerConfig(coordinator=coordinator, token=token, host=host,
                            bind_host=bind_host or host, port=port, advertise=advertise,
+                           outer_port=outer_port, outer_advertise=outer_advertise,
                            min_workers=min_workers, join_timeout=join_timeout, output=output,
                            train=train, max_recoveries=max_recoveries,
                            heartbeat_interval=heartbeat_interval,

@@ -107,6 +107,21 @@ OPTIONS: list[Opt] = [
     Opt("--reshard-after-forward", "traffic.reshard_after_forward", _bool, "false: keep units "
         "gathered from forward to backward (no backward all-gather; every unit is alive at "
         "the end of forward)"),
+    Opt("--site", "islands.site", str, "this worker's site: workers of one site form an island "
+        "(ZeRO-3 inside; DiLoCo outer steps between islands)"),
+    Opt("--sites", "islands.sites", str, "comma-separated names of every island of the run, "
+        "in data order (a shared corpus is split among them); needs --outer-every"),
+    Opt("--outer-every", "islands.outer_every", int, "inner steps between outer syncs (H)"),
+    Opt("--outer-lr", "islands.outer_lr", float, "outer SGD learning rate (default 0.7)"),
+    Opt("--outer-momentum", "islands.outer_momentum", float, "outer SGD momentum (default 0.9)"),
+    Opt("--outer-nesterov", "islands.outer_nesterov", _bool, "Nesterov outer momentum (default "
+        "true)"),
+    Opt("--outer-codec", "islands.outer_codec", str, "wire codec of pseudo-gradients between "
+        "islands: raw, bf16 or int8 (with error feedback)"),
+    Opt("--quorum-timeout", "islands.quorum_timeout", float, "seconds an outer round waits for "
+        "missing islands before going on without them"),
+    Opt("--private-data", "islands.private_data", _bool, "this site's --data is its own: split "
+        "over the island only, and the outer average weighs islands by tokens"),
     Opt("--eval-every", "eval_every", int, "evaluate every K steps (0: only at the end)"),
     Opt("--eval-batches", "eval_batches", int, "held-out batches per evaluation"),
     Opt("--log-every", "log_every", int, "log every K steps"),
@@ -162,7 +177,7 @@ def overrides_from_args(args: list[str]) -> tuple[str | None, dict]:
     by_dest = {o.flag[2:].replace("-", "_"): o for o in OPTIONS}
     for dest, value in values.items():
         opt = by_dest[dest]
-        if opt.target == "lora.target_modules":
+        if opt.target in ("lora.target_modules", "islands.sites"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         *section, name = opt.target.split(".")
         (nested.setdefault(section[0], {}) if section else nested)[name] = value

@@ -24,8 +24,9 @@ class ShardedState:
     """This rank's owned slices (``engine``) and their optimizer state (``optimizer``)."""
 
     def __init__(self, engine: Zero3Engine, optimizer: torch.optim.Optimizer, *,
-                 store_frozen: bool, source: str | None = None) -> None:
+                 store_frozen: bool, source: str | None = None, outer=None) -> None:
         self.engine = engine
+        self.outer = outer  # islands: the global copy and outer momentum (islands/outer.py)
         self.optimizer = optimizer
         self.store_frozen = store_frozen  # False for LoRA: the frozen base is rebuilt instead
         self.source = source  # the model's preset name or directory, for export
@@ -45,8 +46,27 @@ class ShardedState:
                     raise CheckpointError(f"unit {i}: optimizer state {key!r} is a "
                                           f"{type(value).__name__}, not a tensor")
                 out[f"u{i}.opt.{key}"] = value.detach().cpu().contiguous()
+            out.update(self._outer_tensors(unit.master, f"u{i}"))
         if self.engine.collectives.rank == 0:  # replicated: the same on every rank, saved once
             out.update(self._replicated_tensors())
+        return out
+
+    def _outer_pairs(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """id(master) -> (its global copy, its outer momentum or None), for islands runs."""
+        if self.outer is None:
+            return {}
+        state = self.outer.optimizer.state
+        return {id(p): (g, state.get(g, {}).get("momentum_buffer"))
+                for p, g in zip(self.outer.params, self.outer.globals)}
+
+    def _outer_tensors(self, master: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+        """``<prefix>.outer.global`` and ``.outer.momentum`` of one master (islands only)."""
+        pair = self._outer_pairs().get(id(master))
+        if pair is None:
+            return {}
+        out = {f"{prefix}.outer.global": pair[0].detach().cpu().contiguous()}
+        if pair[1] is not None:
+            out[f"{prefix}.outer.momentum"] = pair[1].detach().cpu().contiguous()
         return out
 
     def _replicated_tensors(self) -> dict[str, torch.Tensor]:
@@ -56,6 +76,7 @@ class ShardedState:
         out: dict[str, torch.Tensor] = {}
         for (name, _), master in zip(rep.trainable, rep.masters):
             out[f"rep.{name}"] = master.detach().cpu().contiguous()
+            out.update(self._outer_tensors(master, f"rep.{name}"))
             for key, value in self.optimizer.state.get(master, {}).items():
                 out[f"rep.{name}.opt.{key}"] = value.detach().cpu().contiguous()
         if self.store_frozen:
@@ -90,6 +111,7 @@ class ShardedState:
             "model": _model_meta(engine.model, self.source),
             "replicated": [{"name": n, "shape": list(p.shape), "trainable": p.requires_grad}
                            for n, p in engine.replicated.named],
+            "outer": None if self.outer is None else {"round": self.outer.round},
         }
 
     def load(self, files: RankFiles, manifest: dict, *, rank: int) -> None:
@@ -113,6 +135,44 @@ class ShardedState:
         for group, saved in zip(self.optimizer.param_groups, opt["param_groups"]):
             group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         self.engine.step_index = manifest["step"]  # collectives go on with the saved step
+        if self.outer is not None:
+            self._load_outer(files, manifest, rank=rank)
+
+    def _load_outer(self, files: RankFiles, manifest: dict, *, rank: int) -> None:
+        """The global copy and outer momentum; a checkpoint without them (not an islands run)
+        starts the outer loop from the loaded weights."""
+        outer, saved = self.outer, manifest.get("outer")
+        by_master = {id(p): g for p, g in zip(outer.params, outer.globals)}
+        units = {id(u.master): u for u in self.engine.units if u.trains}
+        rep = {id(m): name for (name, _), m in zip(self.engine.replicated.trainable,
+                                                   self.engine.replicated.masters)}
+        saved_n = manifest["world_size"]
+        with torch.no_grad():
+            for p in outer.params:
+                g = by_master[id(p)]
+                if saved is None:
+                    g.copy_(p)
+                    continue
+                values = {}
+                for what in ("global", "momentum"):
+                    unit = units.get(id(p))
+                    if unit is not None:
+                        name = f"u{unit.index}.outer.{what}"
+                        if what == "momentum" and name not in files.names(0):
+                            continue
+                        trainable_n, _ = unit.layout.shard_sizes(saved_n)
+                        a, b = owned_range(unit.trainable_shard, rank)
+                        values[what] = files.read(name, trainable_n, a, b,
+                                                  unit.layout.trainable_numel, torch.float32)
+                    else:
+                        value = files.whole(0, f"rep.{rep[id(p)]}.outer.{what}")
+                        if value is not None:
+                            values[what] = value
+                g.copy_(values["global"])
+                if "momentum" in values:
+                    outer.optimizer.state.setdefault(g, {})["momentum_buffer"] = \
+                        values["momentum"].to(g.device).clone()
+        outer.round = saved["round"] if saved else 0
 
     def _load_unit(self, unit, files: RankFiles, opt: dict, *, saved_n: int, rank: int,
                    frozen_stored: bool) -> None:

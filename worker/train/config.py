@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from communication.codec import CODECS
 from worker.data.config import DataConfig
+from worker.islands.config import IslandConfig
 from worker.models.config import ModelConfig
 from worker.models.dtypes import PRECISIONS
 from worker.models.lora import LoraSettings
@@ -26,6 +27,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
+    islands: IslandConfig = field(default_factory=IslandConfig)
     steps: int = 30
     grad_accum: int = 1
     micro_batch_rows: int = 8  # rows per GLOBAL micro-batch; each rank takes rows / world_size
@@ -71,9 +73,25 @@ class TrainConfig:
         if lossy and self.backend != "grpc":
             raise ValueError(f"codec {lossy[0]!r} needs backend 'grpc' (torch.distributed sends "
                              f"raw tensors), got backend {self.backend!r}")
+        if self.islands.enabled:
+            if self.backend != "grpc":
+                raise ValueError(f"islands ({len(self.islands.sites)} sites) need backend 'grpc' "
+                                 f"for the outer exchange, got {self.backend!r}")
+            if self.steps % self.islands.outer_every:
+                raise ValueError(f"steps ({self.steps}) must be a multiple of outer_every "
+                                 f"({self.islands.outer_every}): the run ends on an outer round, "
+                                 "so every island ends with the same global weights")
         if self.buddy and not (self.checkpoint_dir and self.resume):
             raise ValueError(f"buddy needs checkpoint_dir (got {self.checkpoint_dir!r}) and resume "
                              f"(got {self.resume}): a rescue is published and resumed there")
+
+    @property
+    def checkpoint_root(self) -> str | None:
+        """Where this worker's checkpoints go: ``checkpoint_dir``, or its ``site-<name>``
+        subdirectory when there are several islands (each island saves its own shards)."""
+        if self.checkpoint_dir is None or not self.islands.enabled:
+            return self.checkpoint_dir
+        return f"{self.checkpoint_dir.rstrip('/')}/site-{self.islands.site}"
 
     def check_world_size(self, world_size: int) -> None:
         """Every rank must get the same number of rows of every global micro-batch."""
@@ -91,7 +109,7 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                    "lora": LoraSettings, "traffic": TrafficConfig}
+                    "lora": LoraSettings, "traffic": TrafficConfig, "islands": IslandConfig}
         for name, kind in sections.items():
             if isinstance(data.get(name), dict):
                 data[name] = _build(kind, data[name], name)

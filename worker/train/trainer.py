@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from worker.engine.progress import Activity
 from worker.engine.zero3 import Zero3Engine
+from worker.islands.outer import OuterSync
 from worker.state.buddy import Buddy
 from worker.state.catalog import latest_checkpoint, prune_checkpoints
 from worker.state.checkpoint import Checkpointed, load_checkpoint, save_checkpoint
@@ -28,12 +29,25 @@ FP16_LOSS_SCALE = 1024.0  # static scale: a step whose global grad norm is not f
 
 
 def rank_micro_batch(data, config: TrainConfig, *, step: int, micro: int, rank: int,
-                     world_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's rows of the global micro-batch ``micro`` of ``step``, on ``device``."""
+                     world_size: int, device: torch.device,
+                     rows: int | None = None) -> dict[str, torch.Tensor]:
+    """This rank's rows of the global micro-batch ``micro`` of ``step``, on ``device``
+    (``rows`` rows, default ``config.micro_batch_rows``)."""
     batch = data.rank_batch(step=step, micro_batch=micro, grad_accum=config.grad_accum,
-                            micro_batch_rows=config.micro_batch_rows, rank=rank,
+                            micro_batch_rows=rows or config.micro_batch_rows, rank=rank,
                             world_size=world_size)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def data_share(config: TrainConfig, *, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(rank, world size, rows per global micro-batch) this rank reads the data as. Islands on
+    one shared corpus split every step's rows as data parallel over all their workers would
+    (island i's rank r is rank i*W + r of I*W); private data is split over the island only."""
+    islands = config.islands
+    if not islands.enabled or islands.private_data:
+        return rank, world_size, config.micro_batch_rows
+    return (islands.index * world_size + rank, islands.count * world_size,
+            islands.count * config.micro_batch_rows)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -51,7 +65,8 @@ class Trainer:
     ``self.states`` (shards, progress, schedule), handed to worker/state/ whole."""
 
     def __init__(self, config: TrainConfig, *, engine: Zero3Engine, data, rank: int,
-                 world_size: int, on_step: Callable[[StepStats], None] | None = None):
+                 world_size: int, on_step: Callable[[StepStats], None] | None = None,
+                 outer: OuterSync | None = None):
         config.check_world_size(world_size)
         self.config = config
         self.engine = engine
@@ -62,13 +77,16 @@ class Trainer:
         self.optimizer = build_optimizer(engine.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.on_step = on_step
+        self.outer = outer  # the outer (DiLoCo) loop between islands, if there are several
+        self.data_rank, self.data_world, self.data_rows = data_share(config, rank=rank,
+                                                                     world_size=world_size)
         self.state = TrainState(rows_per_step=config.grad_accum * config.micro_batch_rows,
                                 num_train_rows=getattr(data, "num_train_rows", None),
                                 data_fingerprint=getattr(data, "fingerprint", None),
                                 device=self.device)
         self.states = Checkpointed(
             shards=ShardedState(engine, self.optimizer, store_frozen=config.lora is None,
-                                source=config.model.name),
+                                source=config.model.name, outer=outer),
             progress=self.state, scheduler=self.scheduler, config=config.to_dict())
         self.loss_scale = FP16_LOSS_SCALE if config.mixed_precision == "fp16" else 1.0
         self.buddy = (Buddy(self.states, engine.collectives, timeout=engine.config.timeout)
@@ -97,8 +115,9 @@ class Trainer:
         loss_sum = torch.zeros(1)
         tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = rank_micro_batch(self.data, cfg, step=self.step, micro=micro, rank=self.rank,
-                                     world_size=self.world_size, device=self.device)
+            batch = rank_micro_batch(self.data, cfg, step=self.step, micro=micro,
+                                     rank=self.data_rank, world_size=self.data_world,
+                                     device=self.device, rows=self.data_rows)
             out = self.engine.forward(**batch)
             loss = out.loss.float()
             last = micro == cfg.grad_accum - 1
@@ -151,6 +170,9 @@ class Trainer:
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress,
                    desc=f"rank {self.rank}", dynamic_ncols=True)
         while self.step < self.config.steps:
+            if self.outer is not None and self.outer.joining:
+                self._outer_round()  # a (re)formed island: the global copy first, no steps
+                continue
             done = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{done.loss:.4f}", lr=f"{done.lr:.2e}")
@@ -161,6 +183,8 @@ class Trainer:
                         done.tokens_per_s, done.seconds, done.peak_mem_mb)
             if self.on_step:
                 self.on_step(done)
+            if self.outer is not None and self.outer.due(self.step):
+                self._outer_round()
             last = self.step == self.config.steps
             if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
                 log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "step %d eval loss %.4f",
@@ -174,6 +198,16 @@ class Trainer:
         bar.close()
         return self.history
 
+    def _outer_round(self) -> None:
+        """One outer round; the inner step count follows the round (a joiner skips ahead)."""
+        since = self.outer.round * self.config.islands.outer_every
+        tokens = sum(s.tokens for s in self.history if s.step >= since)
+        self.outer.sync(weight=float(tokens) if self.config.islands.private_data else 1.0)
+        target = self.outer.round * self.config.islands.outer_every
+        while self.step < target:  # the schedule follows the steps skipped
+            self.step += 1
+            self.scheduler.step()
+
     def _checkpoint_due(self) -> bool:
         cfg = self.config
         if not cfg.checkpoint_dir:
@@ -184,11 +218,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Every rank writes its slices; rank 0 publishes the step and prunes old ones."""
         cfg = self.config
-        path = save_checkpoint(cfg.checkpoint_dir, self.states, rank=self.rank,
+        path = save_checkpoint(cfg.checkpoint_root, self.states, rank=self.rank,
                                world_size=self.world_size, collectives=self.engine.collectives,
                                observers=self.engine.observers)
         if self.rank == 0:
-            prune_checkpoints(cfg.checkpoint_dir, keep_last=cfg.keep_last)
+            prune_checkpoints(cfg.checkpoint_root, keep_last=cfg.keep_last)
         return path
 
     def resume(self) -> bool:
@@ -196,7 +230,7 @@ class Trainer:
         cfg = self.config
         if not (cfg.checkpoint_dir and cfg.resume):
             return False
-        path = latest_checkpoint(cfg.checkpoint_dir)
+        path = latest_checkpoint(cfg.checkpoint_root)
         if path is None:
             return False
         load_checkpoint(path, self.states, rank=self.rank, world_size=self.world_size)
