@@ -24,8 +24,9 @@ Topology of a shaped profile (root only; ``lan`` is plain loopback and adds noth
   reported, since they share the machine's cores with the training.
 
 Modules: ``profiles`` (what a link should be), ``namespaces`` (veth, bridge, tbf, leftovers),
-``proxy`` (the delay), ``selfcheck`` (measuring and judging), ``bed`` (``NetBed``: start,
-check, run, tear down), ``islands`` (``IslandBed``: sites of several workers each, lan inside
+``proxy`` (the delay), ``selfcheck`` (measuring and judging), ``linkcheck`` (the bed's side
+of the self-check: ``measure``, ``check``), ``bed`` (``NetBed``: start, check, run, tear
+down), ``islands`` (``IslandBed``: sites of several workers each, lan inside
 a site, the profile between sites; the proxy lets a site's own connections through
 undelayed), ``steps`` (per-step times from rank 0's log). Import from the
 modules (``from harness.netbed.bed import NetBed``): this file imports nothing, so the proxy

@@ -11,30 +11,30 @@ is the proxy on the host's 10.77.0.x address, and each byte crosses the shaped l
 Workers advertise the proxy's address (``--advertise``). ``lan`` adds nothing: the same
 processes on the shared loopback (ports chosen by the OS), no root needed.
 
-Before every run the bed checks itself (``selfcheck``) and refuses a link that is more than
-20% off its profile. ``apply`` builds a different link than the profile expects: only for the
-self-check's negative control. Everything started is stopped, and every namespace removed, on
-exit, on an exception, and on SIGINT/SIGTERM/SIGHUP (turned into KeyboardInterrupt while the
-bed is open; a signal during teardown is held until teardown is done).
+Before every run the bed checks itself (``linkcheck``: ``measure``, ``check``) and refuses a
+link that is more than 20% off its profile. ``apply`` builds a different link than the profile
+expects: only for the self-check's negative control. Everything started is stopped, and every
+namespace removed, on exit, on an exception, and on SIGINT/SIGTERM/SIGHUP (turned into
+KeyboardInterrupt while the bed is open; a signal during teardown is held until teardown is
+done).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import signal
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.netbed import proxy as proxy_mod
 from harness.netbed import selfcheck
+from harness.netbed.linkcheck import CHECK_PORT, LinkCheck
 from harness.netbed.namespaces import Host, Topology, missing_tools, sweep_leftovers
 from harness.netbed.profiles import Profile
 from harness.netbed.selfcheck import CheckResult, LinkCheckError
@@ -55,10 +55,9 @@ log = logging.getLogger(__name__)
 
 TESTS = Path(__file__).resolve().parents[2]
 ROOT = TESTS.parent
-GRPC_PORT, HTTP_PORT, CHECK_PORT = 50051, 8000, 7000  # public ports, only inside namespaces
+GRPC_PORT, HTTP_PORT = 50051, 8000  # public ports, only inside namespaces (also CHECK_PORT)
 INNER = 10000  # a server behind a proxy binds 127.0.0.1:(public + INNER) in its namespace
 PROXY_READY = re.compile(rf"{proxy_mod.READY} (\S+)")
-CHECK_READY = re.compile(rf"{selfcheck.READY} (\S+)")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -89,13 +88,14 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(f"{signal.Signals(signum).name}: netbed tears down")
 
 
-class NetBed:
+class NetBed(LinkCheck):
     """A coordinator, N workers and the links between them; see the module docstring.
 
     Where things go is four hooks a subclass (``islands.IslandBed``) replaces: ``_roles`` (one
     namespace each), ``_proxied_ports`` (each host's public ports), ``_check_roles`` (the link
     the self-check measures) and ``_worker_argv``; ``local_bypass`` makes a host's proxy
-    forward its own host's connections without delay."""
+    forward its own host's connections without delay. ``measure`` and ``check`` (the
+    self-check) are ``linkcheck.LinkCheck``'s."""
 
     local_bypass = False  # one worker per namespace: nothing local ever dials a proxy
 
@@ -217,69 +217,6 @@ class NetBed:
     def proxy_cpu_seconds(self) -> float:
         """CPU time used so far by all of this bed's proxies."""
         return sum(cpu_seconds(p.proc.pid) for p in self.proxies)
-
-    # --- self-check --------------------------------------------------------------------------
-
-    def _check_roles(self) -> tuple[str, str]:
-        """(server, client) of the self-check: worker 1 (or, for a single worker, the
-        coordinator's host) dials worker 0's host."""
-        return "w0", "w1" if self.world_size > 1 else "c"
-
-    @contextlib.contextmanager
-    def _check_server(self) -> Iterator[str]:
-        """A self-check server on the check's server host, behind its proxy; yields the
-        address a client dials, and stops the server on the way out."""
-        host = self._host(self._check_roles()[0])
-        prefix, bind, port = self._serve(host, CHECK_PORT)
-        argv = [*prefix, sys.executable, "-m", "harness.netbed.selfcheck", "serve",
-                "--host", bind, "--port", str(port)]
-        server, bound = spawn("selfcheck", argv, env=self._env, echo=self.echo,
-                              wait_for=CHECK_READY, timeout=30.0)
-        self._checker = [server]
-        try:
-            yield bound if host is None else f"{host.address}:{CHECK_PORT}"
-        finally:
-            kill_all([server])
-
-    def measure(self, client: str | None = None, *, nbytes: int = selfcheck.TRANSFER_BYTES,
-                pings: int = 9) -> tuple[list[float], float, float]:
-        """RTT samples (ms), seconds of an ``nbytes`` upload and the proxies' CPU seconds
-        meanwhile, from ``client``'s host (default: the check's client) to the self-check
-        server; ``nbytes=0`` measures the RTT only."""
-        host = self._host(client or self._check_roles()[1])
-        prefix = host.exec_prefix() if host is not None else []
-        bw = self.link.bandwidth_mbit or 1000.0
-        transfer_timeout = 30.0 + 3 * nbytes * 8 / (bw * 1e6)
-        with self._check_server() as target:
-            rtts = selfcheck.client(prefix, ["ping", "--target", target, "--count", str(pings)],
-                                    env=self._env, timeout=30.0)["rtt_ms"]
-            if nbytes <= 0:
-                return rtts, 0.0, 0.0
-            cpu0 = self.proxy_cpu_seconds()
-            sent = selfcheck.client(prefix, ["transfer", "--target", target, "--bytes",
-                                             str(nbytes), "--timeout", str(transfer_timeout)],
-                                    env=self._env, timeout=transfer_timeout + 10)
-            return rtts, sent["seconds"], self.proxy_cpu_seconds() - cpu0
-
-    def check(self, *, strict: bool = True, nbytes: int = selfcheck.TRANSFER_BYTES,
-              pings: int = 9) -> CheckResult:
-        """Measure RTT and throughput across one link (``_check_roles``: the client dials the
-        server's host through its proxy) and hold them to the profile. ``strict``: raise
-        LinkCheckError when off; either way ``run`` refuses then."""
-        rtts, seconds, cpu = self.measure(nbytes=nbytes, pings=pings)
-        rtt = statistics.median(rtts)
-        mbit = selfcheck.goodput_mbit(nbytes, seconds, rtt)
-        result = CheckResult(
-            profile=self.profile, rtt_ms=rtt, rtt_samples_ms=tuple(rtts), transfer_bytes=nbytes,
-            transfer_s=seconds, mbit_s=mbit, proxy_cpu_s=cpu,
-            proxy_cpu_share=cpu / seconds if seconds > 0 else 0.0, tolerance=self.tolerance,
-            problems=selfcheck.problems(self.profile, rtt_ms=rtt, mbit_s=mbit,
-                                        tolerance=self.tolerance))
-        log.info("%s", result.summary())
-        self.last_check = self._pending = result
-        if strict and not result.ok:
-            raise LinkCheckError(result)
-        return result
 
     # --- a training run ----------------------------------------------------------------------
 
