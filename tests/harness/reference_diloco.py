@@ -31,20 +31,27 @@ class DilocoResult:
     weights: dict[str, torch.Tensor]
 
 
-def train_reference_diloco(config: TrainConfig, build: Callable[[], tuple],
+def train_reference_diloco(config: TrainConfig,
+                           build: Callable[[], tuple] | dict[str, Callable[[], tuple]],
                            quorums: Sequence[Sequence[tuple[str, bool]]] | None = None,
                            ) -> DilocoResult:
     """DiLoCo over ``config.islands.sites`` for ``config.steps`` inner steps. ``build()`` gives
-    (data, model) for one island, identical every call. ``quorums[k-1]``: the (site, joining)
-    pairs of round k (default: every site, none joining)."""
+    (data, model) for one island, identical every call (or one per site: private data, read
+    whole by its site, and the mean weighs sites by tokens). ``quorums[k-1]``: the (site,
+    joining) pairs of round k (default: every site, none joining)."""
     islands = config.islands
     sites, every = list(islands.sites), islands.outer_every
     count = len(sites)
     runs = {}
     for i, site in enumerate(sites):
-        data, model = build()
-        runs[site] = SingleProcess(config, model, data, rank=i, world_size=count,
-                                   rows=count * config.micro_batch_rows)
+        if isinstance(build, dict):
+            data, model = build[site]()
+            runs[site] = SingleProcess(config, model, data)
+        else:
+            data, model = build()
+            runs[site] = SingleProcess(config, model, data, rank=i, world_size=count,
+                                       rows=count * config.micro_batch_rows)
+    tokens = float(every * config.micro_batch_rows * config.data.seq_len)
     first = runs[sites[0]]
     globals_ = [torch.nn.Parameter(m.detach().clone()) for m in first.masters]
     outer = torch.optim.SGD(globals_, lr=islands.outer_lr, momentum=islands.outer_momentum,
@@ -58,13 +65,15 @@ def train_reference_diloco(config: TrainConfig, build: Callable[[], tuple],
             for step in range((k - 1) * every, k * every):
                 losses[site][step] = runs[site].step(step)[0]
         if contributors:
+            weight = tokens if islands.private_data else 1.0
             with torch.no_grad():
                 total = None
                 for site in contributors:  # summed in site order, as the group's rank order
                     pseudo = torch.cat([(g - m).reshape(-1) for g, m in
                                         zip(globals_, runs[site].masters)])
+                    pseudo = pseudo * weight if weight != 1.0 else pseudo
                     total = pseudo if total is None else total + pseudo
-                mean = total / float(len(contributors))
+                mean = total / (weight * len(contributors))
                 offset = 0
                 for g in globals_:
                     g.grad = mean[offset:offset + g.numel()].view_as(g).clone()
