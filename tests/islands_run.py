@@ -4,8 +4,7 @@ coordinator decided at every outer round."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 from safetensors.torch import load_file
 
 from worker.cluster.launcher import (
+    WORKER_ENTRY,
     Child,
     kill_all,
     local_worker_env,
@@ -56,10 +56,12 @@ class IslandRun:
 def run_islands(out: Path, *, sites: dict[str, int], args: list[str],
                 site_args: dict[str, list[str]] | None = None, timeout: float = 240.0,
                 max_restarts: int = 0, heartbeat_timeout: float = 10.0,
-                on_start: Callable[[list[Child]], None] | None = None) -> IslandRun:
+                site_env: dict[str, dict[str, str]] | None = None,
+                site_entry: dict[str, Sequence[str]] | None = None) -> IslandRun:
     """Coordinator plus ``sites[name]`` workers per site, each with ``--site name --sites
-    ...`` and ``--output out/name``; returns once every worker exits 0. ``on_start`` gets the
-    workers as soon as they run (a fault injector, on its own thread)."""
+    ...`` and ``--output out/name``; returns once every worker exits 0 (a failed one is
+    restarted up to ``max_restarts`` times). ``site_env`` and ``site_entry`` start one site's
+    workers differently (a fault injector)."""
     token = new_token()
     coordinator, url = start_coordinator(token=token, echo=False,
                                          heartbeat_timeout=heartbeat_timeout)
@@ -69,11 +71,12 @@ def run_islands(out: Path, *, sites: dict[str, int], args: list[str],
         for site, n in sites.items():
             extra = ["--site", site, "--sites", ",".join(sites), "--output", str(out / site),
                      *args, *(site_args or {}).get(site, [])]
+            entry = (site_entry or {}).get(site, WORKER_ENTRY)
             for i in range(n):
-                argv = worker_argv(url, worker_id=f"{site}{i}", min_workers=n, extra=extra)
-                workers.append(spawn(f"{site}{i}", argv, env=env, echo=False)[0])
-        if on_start is not None:
-            threading.Thread(target=on_start, args=(workers,), daemon=True).start()
+                argv = worker_argv(url, worker_id=f"{site}{i}", min_workers=n, extra=extra,
+                                   entry=entry)
+                workers.append(spawn(f"{site}{i}", argv, env={**env, **(site_env or {}).get(
+                    site, {})}, echo=False)[0])
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
         reply = httpx.get(f"{url}/islands/rounds", timeout=10.0,
                           headers={"Authorization": f"Bearer {token}"})
