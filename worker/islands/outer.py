@@ -8,8 +8,9 @@ number in every island of the quorum (its counterparts: equal island sizes slice
 alike), it averages the pseudo-gradient ``global - local`` of its owned slices (weighted by
 tokens for private data, else equally), steps the outer optimizer on the global copy (SGD with
 Nesterov momentum, lr 0.7, as DiLoCo) and restarts the inner weights from it; the inner
-optimizer's state is kept. The sum is a reduce-scatter (the outer codec, error feedback) and a
-raw all-gather of the summed parts, so every island ends with bit-identical global weights.
+optimizer's state is kept. The sum is a reduce-scatter (the outer codec, error feedback) and an
+all-gather of the summed parts in the same codec, which hands every island the same decoded
+rows (its own included), so every island ends with bit-identical global weights.
 
 An island that (re)formed after round R was decided joins at round R+1 without inner steps:
 it contributes nothing and receives the global copy and momentum of the first contributor
@@ -81,7 +82,8 @@ class OuterSync:
     history: list[RoundRecord] = field(default_factory=list)
     globals: list[nn.Parameter] = field(init=False)
     optimizer: torch.optim.SGD = field(init=False)
-    residual: torch.Tensor | None = field(init=False, default=None)
+    residual: torch.Tensor | None = field(init=False, default=None)  # the reduce-scatter's
+    gather_residual: torch.Tensor | None = field(init=False, default=None)  # the all-gather's
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -169,7 +171,7 @@ class OuterSync:
         group_rank = [i.site for i in info.islands].index(self.config.site)
         return GrpcCollectives.bind(self.transport, rank=group_rank, world_size=len(peers),
                                     peers=peers, generation=number, timeout=self.timeout,
-                                    param_codec="raw", grad_codec=self.config.outer_codec)
+                                    codec=self.config.outer_codec)
 
     def _key(self, number: int, phase: Phase) -> Key:
         return Key(generation=number, phase=phase, step=number, index=self.rank)
@@ -180,13 +182,22 @@ class OuterSync:
     def _sum(self, coll: GrpcCollectives, number: int, flat: torch.Tensor, *,
              feedback: torch.Tensor | None) -> torch.Tensor:
         """Rank-order sum over the group of ``flat`` (padded to the group size): a
-        reduce-scatter in the outer codec, then a raw all-gather of the summed parts."""
+        reduce-scatter in the outer codec, then an all-gather of the summed parts (same
+        codec: every island decodes the same rows)."""
         w, n = coll.world_size, flat.numel()
         padded = torch.nn.functional.pad(flat, (0, -n % w))
         key = self._key(number, Phase.OUTER_REDUCE)
         part = self._wait(coll, coll.reduce_scatter(key, padded, feedback=feedback), key)
+        if feedback is not None:  # what the all-gather's codec loses goes with the next round
+            if self.gather_residual is None or self.gather_residual.shape != part.shape:
+                self.gather_residual = torch.zeros_like(part)
+            part = part + self.gather_residual
         key = self._key(number, Phase.OUTER_GATHER)
-        return self._wait(coll, coll.all_gather(key, part), key)[:n]
+        gathered = self._wait(coll, coll.all_gather(key, part), key)
+        if feedback is not None:
+            s = part.numel()
+            self.gather_residual = part - gathered[coll.rank * s:(coll.rank + 1) * s]
+        return gathered[:n]
 
     def _average(self, coll: GrpcCollectives, number: int, weight: float) -> float:
         """Weighted mean of the islands' pseudo-gradients into the globals' ``.grad``."""
