@@ -57,6 +57,15 @@ SCENARIOS: dict[str, TrainConfig] = {
     # Activation checkpointing: each block unit replayed in backward, its gather found in place.
     "recompute": _cfg(activation_checkpointing=True, grad_accum=2),
     "lora_recompute": _cfg(lora=LoraSettings(rank=4, alpha=8.0), activation_checkpointing=True),
+    # Weight decay 0.1 off for biases and LayerNorms (the default), then on for everything: each
+    # rank decays only its owned slice's elements of decayed slots; hidden 35 puts slot edges
+    # anywhere in the slices.
+    "decay_groups": _cfg(model=ModelConfig(name="tiny-gpt2", hidden_size=35, num_heads=5),
+                         optim=OptimConfig(lr=LR, eps=EPS, schedule="constant",
+                                           max_grad_norm=None, weight_decay=0.1)),
+    "decay_all": _cfg(model=ModelConfig(name="tiny-gpt2", hidden_size=35, num_heads=5),
+                      optim=OptimConfig(lr=LR, eps=EPS, schedule="constant", max_grad_norm=None,
+                                        weight_decay=0.1, decay_all=True)),
 }
 # bf16 compute with int8 parameters on the wire: a wrong codec for a bf16 run, which the
 # mixed-precision check must reject (gRPC only: torch.distributed sends raw tensors).

@@ -39,7 +39,7 @@ def _load_local(config: ModelConfig, path: Path, vocab_size: int, on_meta: bool)
 
     hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True,
                                            num_labels=config.num_labels)
-    set_dropout(hf_config, config.dropout)
+    set_dropout(hf_config, config.applied_dropout)
     cls = _auto_class(config.task)
     if on_meta:  # filled from the files unit by unit (meta.py, safetensors_weights.py)
         model = build_on_meta(lambda: cls.from_config(hf_config)).to(DTYPES[config.dtype])

@@ -87,5 +87,5 @@ def preset_config(config: ModelConfig, *, vocab_size: int, pad_token_id: int | N
     hf_config = preset.make(vocab_size, pad, config.n_layer or preset.n_layer, hidden, heads,
                             config.max_positions)
     hf_config.num_labels = config.num_labels
-    set_dropout(hf_config, config.dropout)
+    set_dropout(hf_config, config.applied_dropout)
     return hf_config

@@ -20,7 +20,7 @@ from worker.state.catalog import latest_checkpoint, prune_checkpoints
 from worker.state.checkpoint import Checkpointed, load_checkpoint, save_checkpoint
 from worker.state.shards import ShardedState
 from worker.train.config import TrainConfig
-from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.optim import build_optimizer, build_scheduler, engine_decay_ranges
 from worker.train.state import StepStats, TrainState
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Trainer:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(config.device)
-        self.optimizer = build_optimizer(engine.parameters(), config.optim)
+        self.optimizer = build_optimizer(engine.parameters(), config.optim,
+                                         engine_decay_ranges(engine))
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.on_step = on_step
         self.outer = outer  # the outer (DiLoCo) loop between islands, if there are several
@@ -152,14 +153,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the held-out rows, averaged over every rank's share."""
+        """Mean loss over the held-out rows, averaged over every rank's share; in eval mode,
+        so a kept dropout (--keep-dropout) does not reach the loss."""
         total = torch.zeros(2)
-        for batch in self.data.eval_batches(rows=self.config.micro_batch_rows, rank=self.rank,
-                                            world_size=self.world_size,
-                                            limit=self.config.eval_batches):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.engine.forward(**batch)
-            total += torch.tensor([float(out.loss), 1.0])
+        self.engine.model.eval()
+        try:
+            for batch in self.data.eval_batches(rows=self.config.micro_batch_rows,
+                                                rank=self.rank, world_size=self.world_size,
+                                                limit=self.config.eval_batches):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out = self.engine.forward(**batch)
+                total += torch.tensor([float(out.loss), 1.0])
+        finally:
+            self.engine.model.train()
         total = self.engine.all_reduce_sum(total)
         value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         self.eval_history.append((self.step, value))
