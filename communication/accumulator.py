@@ -74,6 +74,10 @@ class Accumulator:
             opening.future.set_result(slot)
         return slot
 
+    def peek(self, key: str) -> Slot | None:
+        """The open slot for key, if the local rank opened it (no waiting)."""
+        return self._slots.get(key)
+
     def finished(self, key: str) -> bool:
         """Whether key completed here recently (a late retry for it is a duplicate)."""
         return key in self._finished

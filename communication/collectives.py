@@ -27,12 +27,17 @@ is counted once. A collective that cannot finish within its deadline fails its f
 from __future__ import annotations
 
 import enum
+import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Phase(str, enum.Enum):
@@ -144,8 +149,62 @@ def completed(value: object) -> Future:
 def result(fut: Future, *, key: Key, rank: int, timeout: float):
     """``fut``'s result; past ``timeout`` a CollectiveError naming the key and our rank (a bare
     ``concurrent.futures.TimeoutError`` says neither). The transports' own deadlines usually fire
-    first, naming the lost peer; this is the backstop."""
+    first, naming the lost peer; this is the backstop. A watcher, if one is installed, hears of
+    the wait meanwhile (see the note on watchers)."""
     try:
-        return fut.result(timeout=timeout)
+        return wait_result(fut, key=key, timeout=timeout)
     except FutureTimeout:
         raise CollectiveError(f"{key} on rank {rank}: no result within {timeout}s") from None
+
+
+# [Note: watchers]
+# ``result()`` is where every training-thread wait on a collective ends up. With a watcher
+# installed (``install``) it waits in slices of ``watcher.every`` seconds: a result that arrives
+# wakes it at once (the future's own condition), and each slice that passes without one calls
+# ``watcher.notify(key, seconds waited)``. The worker's progress reporter is the watcher
+# (worker/train/reporting.py): the trainer itself tells the coordinator, while blocked, what it
+# waits for, so a rank that waits keeps reporting and one whose trainer hangs, or is stopped,
+# falls silent. There is one watcher per process, not one per context: autograd runs backward
+# hooks (the backward all-gathers) on its own device threads, and a worker has one trainer.
+
+@dataclass(frozen=True, slots=True)
+class Watcher:
+    """Called every ``every`` seconds a wait on a collective's result lasts."""
+
+    notify: Callable[[Key, float], None]
+    every: float
+
+
+_watcher: Watcher | None = None
+
+
+def install(watcher: Watcher) -> Callable[[], None]:
+    """Make ``watcher`` this process's; returns the call that puts the previous one back."""
+    global _watcher
+    previous, _watcher = _watcher, watcher
+
+    def uninstall() -> None:
+        global _watcher
+        _watcher = previous
+
+    return uninstall
+
+
+def wait_result(fut: Future, *, key: Key, timeout: float) -> Any:
+    """``fut.result(timeout)``, telling the watcher (if any) every ``every`` seconds meanwhile;
+    ``concurrent.futures.TimeoutError`` at the deadline, as ``fut.result`` would."""
+    watcher = _watcher
+    if watcher is None or fut.done():
+        return fut.result(timeout=timeout)
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        try:
+            return fut.result(timeout=max(min(watcher.every, deadline - time.monotonic()), 0.0))
+        except FutureTimeout:
+            if time.monotonic() >= deadline:
+                raise
+        try:
+            watcher.notify(key, time.monotonic() - start)
+        except Exception as exc:  # noqa: BLE001 - a report must never break a collective
+            log.warning("waiting on %s: the watcher failed: %s", key, exc)

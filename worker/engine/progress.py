@@ -51,6 +51,10 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self._observers)
 
+    def adding(self, *observers: Observer) -> Observers:
+        """These observers and ``observers`` after them (a generation adds its own)."""
+        return Observers((*self._observers, *observers))
+
     def publish(self, progress: Progress) -> None:
         for observer in self._observers:
             observer(progress)
