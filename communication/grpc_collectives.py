@@ -17,7 +17,9 @@ gives every rank the same decoded rows, its own included (its shard goes through
 encode/decode), and never takes the ring (forwarding would re-encode). A lossy reduce-scatter
 with ``feedback`` adds the sender's residual to each outgoing part and keeps what the codec lost
 (error feedback); the part a rank keeps for itself is never encoded, so its residual stays 0.
-``bytes_sent`` counts every payload and header byte this rank pushed, by phase.
+``bytes_sent`` counts every payload and header byte this rank pushed, by phase; ``links()``
+the round trip and send rate to each peer (links.py); ``waiting()`` the oldest collective in
+flight and the ranks that have not sent to it (waiting.py), for the progress reporter.
 A collective completes on receipt: once every contribution is in this rank's slot and every
 send has handed its bytes to gRPC, not when the peers acknowledge (completion.py).
 Large contributions are cut into ranges sent on parallel streams (MAX_STREAMS, from the core
@@ -34,7 +36,9 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 import torch
@@ -44,11 +48,13 @@ from communication.collectives import CollectiveError, Key, Phase, completed
 from communication.completion import complete, set_when_all
 from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
+from communication.links import PING_TIMEOUT_S, Link, LinkMeter
 from communication.peer_client import PeerCallError
 from communication.peer_loss import PeerLoss
 from communication.proto import zerop2p_pb2 as pb
 from communication.ring import ring_gather
 from communication.slot import Expectation, MissingContributions, Mode
+from communication.waiting import InFlight, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # thi
 MAX_STREAMS = max(1, min(4, CORES // 4))
 RAW = get_codec("raw")
 LOST_AFTER = 5.0  # a peer refusing connections this long is gone (it was up when we started)
+LOOK_TIMEOUT = 0.25  # waiting() and links() read the loop's state; a busy loop answers None
 
 
 class GrpcCollectives:
@@ -82,16 +89,20 @@ class GrpcCollectives:
         self.bytes_sent: dict[Phase, int] = {p: 0 for p in Phase}
         self._closed = False
         self._loss = PeerLoss(rank, peers)
+        self._flight = InFlight()
+        self._links = LinkMeter(rank, peers, clock=time.monotonic)
 
     @classmethod
     def bind(cls, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
              generation: int, timeout: float = 60.0, codec: str = "raw",
-             param_codec: str | None = None, grad_codec: str | None = None) -> GrpcCollectives:
+             param_codec: str | None = None, grad_codec: str | None = None,
+             members: list[str] | None = None) -> GrpcCollectives:
         """Collectives for one generation on ``transport``; older generations are refused.
-        ``codec`` is the default for both ``param_codec`` and ``grad_codec``."""
+        ``codec`` is the default for both ``param_codec`` and ``grad_codec``. ``members``: each
+        rank's worker id (needed with mutual TLS: grpc_transport.py)."""
         if len(peers) != world_size:
             raise ValueError(f"{len(peers)} peer addresses for world size {world_size}")
-        transport.bind(rank=rank, generation=generation)
+        transport.bind(rank=rank, generation=generation, members=members, peers=list(peers))
         return cls(transport, rank=rank, world_size=world_size, peers=list(peers),
                    generation=generation, timeout=timeout, codec=codec,
                    param_codec=param_codec, grad_codec=grad_codec)
@@ -162,6 +173,35 @@ class GrpcCollectives:
     def close(self) -> None:
         """Stop issuing; the transport (and its server) stays up for the next generation."""
         self._closed = True
+        try:
+            self.transport.loop.call_soon_threadsafe(self._links.close)
+        except RuntimeError:  # the transport's loop is already closed
+            pass
+
+    # -- what the progress reporter reads (communication/waiting.py, links.py) -------------
+
+    def waiting(self) -> Waiting | None:
+        """The oldest collective in flight on this rank, with the ranks that have not sent to
+        it (any thread; None also when the loop does not answer within LOOK_TIMEOUT)."""
+        async def look():
+            return self._flight.oldest(self.transport.accumulator, time.monotonic())
+        return self._look(look(), "waiting")
+
+    def links(self) -> list[Link]:
+        """Each peer's round trip and send rate (links.py), and a Ping round started in the
+        background if none ran for a second (any thread; [] if the loop does not answer)."""
+        async def look():
+            self._links.probe(lambda r: self.transport.client(self.peers[r]).ping(
+                self.generation, self.rank, timeout=PING_TIMEOUT_S))
+            return self._links.look()
+        return self._look(look(), "links") or []
+
+    def _look(self, coro, what: str):
+        try:
+            return self.transport.call(coro, timeout=LOOK_TIMEOUT)
+        except (FutureTimeout, RuntimeError) as exc:  # a busy or stopped loop: no answer now
+            log.debug("rank %d: %s not read: %r", self.rank, what, exc)
+            return None
 
     # -- machinery -------------------------------------------------------------------------
 
@@ -178,6 +218,7 @@ class GrpcCollectives:
 
         async def guarded():
             name = str(key)
+            self._flight.begin(key, time.monotonic())
             try:
                 out = await coro
             except CollectiveError:
@@ -192,6 +233,7 @@ class GrpcCollectives:
                 raise CollectiveError(f"{op} {key} on rank {self.rank} failed: {exc}",
                                       rank=self.rank) from exc
             finally:
+                self._flight.end(key)
                 self.transport.accumulator.close(name, finished=False)
                 self.transport.servicer.forget(name)
             return out if device is None or out is None else out.to(device)
@@ -222,15 +264,19 @@ class GrpcCollectives:
                                    origin=origin, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
                                    offset=a, total_bytes=b - a, codec=codec.name)
                    for a, b in ranges]
-        self.bytes_sent[key.phase] += n + sum(h.ByteSize() for h in headers)
+        size = n + sum(h.ByteSize() for h in headers)
+        self.bytes_sent[key.phase] += size
         loop = asyncio.get_running_loop()
         out = [asyncio.Event() for _ in ranges] if handed is not None else [None] * len(ranges)
         calls = [loop.create_task(client.push(h, wire[a:b], deadline=deadline,
                                               unavailable_for=LOST_AFTER, handed=e))
                  for h, (a, b), e in zip(headers, ranges, out)]
         watch = None if handed is None else loop.create_task(set_when_all(out, handed))
+        self._links.begin(dest)
+        delivered = 0
         try:
             await asyncio.gather(*calls)
+            delivered = size
             if handed is not None:
                 handed.set()  # a reply before the last chunk went out (cannot happen: insurance)
         except PeerCallError as exc:
@@ -240,6 +286,7 @@ class GrpcCollectives:
                 f"{key} on rank {self.rank}: peer rank {dest} at {self.peers[dest]} did not "
                 f"take our contribution: {exc}", rank=dest, address=self.peers[dest]) from None
         finally:
+            self._links.end(dest, delivered)
             for task in (*calls, *([watch] if watch else [])):
                 task.cancel()
 

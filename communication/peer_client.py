@@ -17,6 +17,7 @@ import torch
 
 from communication.auth import TlsConfig, token_metadata
 from communication.framing import chunk_message, data_frame, header_frame
+from communication.mtls import MutualTls
 from communication.peer_server import MAX_CHUNK_BYTES, channel_options
 from communication.proto import zerop2p_pb2 as pb
 
@@ -40,14 +41,18 @@ class PeerCallError(RuntimeError):
 class PeerClient:
     """One channel to one peer address."""
 
-    def __init__(self, address: str, *, token: str | None = None, tls: TlsConfig | None = None,
+    def __init__(self, address: str, *, token: str | None = None,
+                 tls: TlsConfig | MutualTls | None = None, server_name: str | None = None,
                  chunk_bytes: int = CHUNK_BYTES):
+        """``server_name``: the name the server's certificate must hold (with mutual TLS, the
+        DNS name of the worker expected at ``address``: identity.worker_dns_name)."""
         self.address = address
         self.chunk_bytes = chunk_bytes
         options = channel_options()
         if tls is not None:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            name = server_name or getattr(tls, "server_name", None)
+            if name:
+                options.append(("grpc.ssl_target_name_override", name))
             self._channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options)
         else:
             self._channel = grpc.aio.insecure_channel(address, options)

@@ -25,6 +25,9 @@ What a peer, or anyone who can reach the port, can make this server hold or wait
 - a refused stream is drained (refusal.py) for at most MAX_DRAIN_BYTES / MAX_DRAIN_FRAMES /
   DRAIN_WAIT.
 Undecodable messages are answered INVALID_ARGUMENT (framing.tolerant), never UNKNOWN.
+With mutual TLS (mtls.py) only certified peers connect at all, and a push whose sender rank is
+not the caller's own certificate is refused with PERMISSION_DENIED (``senders``: identity.py's
+note), checked before the per-sender caps are touched and again once its slot opened.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from communication.accumulator import Accumulator
 from communication.auth import TlsConfig, TokenInterceptor
 from communication.codec import dtype_from_name, get_codec
 from communication.framing import Undecodable, parse_chunk, parse_frame, parser, tolerant
+from communication.identity import SenderCheck
 from communication.intake import CapReached, Incoming, SenderLedger
+from communication.mtls import MutualTls
 from communication.proto import zerop2p_pb2 as pb
 from communication.refusal import PushRefused, drain
 from communication.slot import ContributionError, Slot
@@ -85,11 +90,14 @@ class PeerServicer:
     whose grpcio version guard would refuse older runtimes (none are generated)."""
 
     def __init__(self, accumulator: Accumulator, *, rank: Callable[[], int],
-                 generation: Callable[[], int], limits: ServerLimits | None = None):
+                 generation: Callable[[], int], limits: ServerLimits | None = None,
+                 senders: SenderCheck | None = None):
+        """``senders``: with mutual TLS, who may push as which rank (identity.py's note)."""
         self._acc = accumulator
         self._rank = rank
         self._generation = generation
         self.limits = limits or ServerLimits()
+        self.senders = senders
         self.ledger = SenderLedger(open_calls=self.limits.open_per_sender,
                                    in_flight_bytes=self.limits.bytes_per_sender)
         self._incoming: dict[tuple[str, int], Incoming] = {}
@@ -139,12 +147,16 @@ class PeerServicer:
             raise PushRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{who}: generation expected {current}, actual {h.generation} "
                                f"(stale)")
+        if self.senders is not None:  # before the claimed sender's caps are touched
+            self.senders.check(h, context, known_only=True)
         try:
             held_here = self.ledger.hold(h.sender, max(h.total_bytes, held), key=h.key)
         except CapReached as exc:
             raise PushRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         with held_here:
             slot = await self._slot(h, context)
+            if self.senders is not None and slot is not None:  # its generation is bound now
+                self.senders.check(h, context)
             if slot is None or slot.has(h.origin):
                 return pb.PushReply(received_bytes=0, duplicate=True)
             try:
@@ -258,7 +270,7 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 async def create_server(servicer: PeerServicer, *, host: str = "127.0.0.1", port: int = 0,
-                        token: str | None = None, tls: TlsConfig | None = None,
+                        token: str | None = None, tls: TlsConfig | MutualTls | None = None,
                         max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
                         ) -> tuple[grpc.aio.Server, int]:
     """Start the peer server; returns it and the bound port (port 0 picks a free one)."""

@@ -1,5 +1,5 @@
-"""Builds the coordinator's FastAPI app: store, rules, barrier, outer rounds, monitor, routes,
-the door."""
+"""Builds the coordinator's FastAPI app: store, rules, barrier, outer rounds, progress board,
+monitor, routes, the door."""
 
 from __future__ import annotations
 
@@ -11,23 +11,30 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from coordinator import errors
+from coordinator.authority import CertificateAuthority
 from coordinator.barrier import Barrier
 from coordinator.config import MAX_BODY_BYTES, Settings
 from coordinator.guard import Guard
+from coordinator.identities import Identities
 from coordinator.islands import Islands
 from coordinator.metrics import make_registry
 from coordinator.monitor import HeartbeatMonitor
-from coordinator.routes import islands, ops, telemetry, training, workers
+from coordinator.progress import ProgressBoard
+from coordinator.routes import identity, islands, ops, progress, telemetry, training, workers
 from coordinator.service import Coordinator
 from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """One coordinator app over the SQLite file (or ``:memory:``) in ``settings.db``."""
+def create_app(settings: Settings, *, authority: CertificateAuthority | None = None) -> FastAPI:
+    """One coordinator app over the SQLite file (or ``:memory:``) in ``settings.db``; with an
+    ``authority`` (TLS mode) it issues worker identities and enforces roles (roles.py)."""
     store = Store(settings.db)
+    identities = (None if authority is None else
+                  Identities(store, authority, lifetime=settings.cert_lifetime))
     coordinator = Coordinator(store, heartbeat_timeout=settings.heartbeat_timeout)
+    board = ProgressBoard(store, stall_after=settings.stall_after)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
                  settings.db, revived,
                  ", ".join(f"{s}={g}" for s, g in sorted(active.items())) or "none",
                  store.last_round())
-        monitor = HeartbeatMonitor(coordinator)
+        monitor = HeartbeatMonitor(coordinator, board)
         monitor.start()
         try:
             yield
@@ -53,9 +60,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.coordinator = coordinator
     app.state.barrier = Barrier(coordinator, max_wait=settings.max_wait)
     app.state.islands = Islands(coordinator, max_wait=settings.max_wait)
-    app.state.registry = make_registry(coordinator)
-    for module in (workers, training, islands, telemetry, ops):
+    app.state.progress = board
+    app.state.identities = identities
+    app.state.registry = make_registry(coordinator, board)
+    for module in (workers, training, progress, islands, telemetry, ops):
         app.include_router(module.router)
+    if identities is not None:
+        app.include_router(identity.router)
     errors.install(app)
-    app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY_BYTES)
+    app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY_BYTES,
+                       identities=identities, admin_token=settings.admin_token)
     return app

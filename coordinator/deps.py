@@ -1,5 +1,5 @@
-"""Dependency aliases the routes share: the app's coordinator, barrier, islands and registry;
-the worker-id and site parameters; the bearer scheme."""
+"""Dependency aliases the routes share: the app's coordinator, barrier, islands, registry and
+progress board; the worker-id and site parameters; the bearer scheme."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pydantic import AfterValidator
 
 from coordinator.barrier import Barrier
 from coordinator.fields import DEFAULT_SITE, SITE_PATTERN, WORKER_ID_PATTERN
+from coordinator.identities import Identities
 from coordinator.islands import Islands
+from coordinator.progress import ProgressBoard
+from coordinator.roles import EVERYONE, Principal
 from coordinator.service import Coordinator
 
 
@@ -32,10 +35,26 @@ async def _registry(request: Request) -> CollectorRegistry:
     return request.app.state.registry
 
 
+async def _progress(request: Request) -> ProgressBoard:
+    return request.app.state.progress
+
+
+async def _identities(request: Request) -> Identities | None:
+    return request.app.state.identities
+
+
+async def _principal(request: Request) -> Principal:
+    """Who the door (coordinator.guard) authenticated the request as."""
+    return getattr(request.state, "principal", EVERYONE)
+
+
+IdentitiesDep = Annotated[Identities | None, Depends(_identities)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]
 CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 BarrierDep = Annotated[Barrier, Depends(_barrier)]
 IslandsDep = Annotated[Islands, Depends(_islands)]
 RegistryDep = Annotated[CollectorRegistry, Depends(_registry)]
+ProgressDep = Annotated[ProgressBoard, Depends(_progress)]
 WorkerIdPath = Annotated[str, Path(pattern=WORKER_ID_PATTERN, max_length=128)]
 # Optional filters: empty (``?worker_id=``) means none, as a form left blank would send; the
 # routes see None for both.

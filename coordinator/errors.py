@@ -54,6 +54,12 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
 
 
+def invalid_field(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    """A 422 for one field that its schema cannot check (a CSR's signature), answered like
+    pydantic's own."""
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
 def install(app: FastAPI) -> None:
     """422 with a readable detail and the error list for validation errors; Refusal -> its
     status."""

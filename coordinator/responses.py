@@ -36,6 +36,8 @@ class InvalidRequest(BaseModel):
 _WHY = {
     400: "the body is not parseable JSON",
     401: "missing or wrong 'Authorization: Bearer <token>'",
+    403: "TLS mode: the credential may not do this (coordinator/roles.py: workers act on their "
+         "own id only; reading everything needs the admin token)",
     404: "unknown worker: register first",
     409: "the worker is dead or left (register again), or the generation numbers are spent",
     413: "the request body is larger than the coordinator accepts",

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS workers (
     last_heartbeat REAL NOT NULL,
     phase TEXT, step INTEGER, loss REAL, tokens_per_s REAL,
     site TEXT NOT NULL DEFAULT 'default',
-    outer_port INTEGER                 -- the worker's second gRPC server (outer rounds)
+    outer_port INTEGER,                -- the worker's second gRPC server (outer rounds)
+    credential TEXT                    -- SHA-256 of its worker credential (TLS mode; roles.py)
 );
 CREATE TABLE IF NOT EXISTS generations (
     generation INTEGER PRIMARY KEY,    -- unique across every site
@@ -70,10 +71,12 @@ ADDED_COLUMNS = (
     ("workers", "outer_port", "INTEGER"),
     ("generations", "site", "TEXT NOT NULL DEFAULT 'default'"),
     ("members", "outer_port", "INTEGER"),
+    ("workers", "credential", "TEXT"),
 )
 
 INDEXES = """
 CREATE INDEX IF NOT EXISTS generations_active ON generations (site, ended_at);
+CREATE UNIQUE INDEX IF NOT EXISTS workers_by_credential ON workers (credential);
 """
 
 

@@ -111,6 +111,20 @@ class Store:
             (now, status.get("phase"), status.get("step"), status.get("loss"),
              status.get("tokens_per_s"), worker_id))]) == [1]
 
+    def credential(self, worker_id: str) -> str | None:
+        """The SHA-256 of the worker credential that holds ``worker_id`` (None: unclaimed)."""
+        rows = self._all("SELECT credential FROM workers WHERE worker_id = ?", (worker_id,))
+        return rows[0][0] if rows else None
+
+    def credential_owner(self, digest: str) -> str | None:
+        """The worker id whose credential has SHA-256 ``digest``."""
+        rows = self._all("SELECT worker_id FROM workers WHERE credential = ?", (digest,))
+        return rows[0][0] if rows else None
+
+    def set_credential(self, worker_id: str, digest: str | None) -> None:
+        """Hold ``worker_id`` with the credential of SHA-256 ``digest`` (None: release it)."""
+        self._tx([("UPDATE workers SET credential = ? WHERE worker_id = ?", (digest, worker_id))])
+
     def set_status(self, worker_id: str, status: str) -> None:
         self._tx([("UPDATE workers SET status = ? WHERE worker_id = ?", (status, worker_id))])
 

@@ -168,6 +168,7 @@ ROUTES = [
     ("GET", "/workers", None),
     ("GET", "/training/ready?min_workers=1", None),
     ("GET", "/training/generation", None),
+    ("GET", "/training/status", None),
     ("POST", "/telemetry", {"worker_id": "w0", "step": 1}),
     ("GET", "/telemetry", None),
     ("GET", "/metrics", None),

@@ -62,7 +62,7 @@ def test_schemathesis_finds_no_failure(coordinator, tmp_path):
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
     report = json.loads(report_json.read_text())
     assert report["failures"] == [] and report["errors"] == [], report["failures"]
-    assert report["operations"]["tested"] == report["operations"]["total"] == 12
+    assert report["operations"]["tested"] == report["operations"]["total"] == 14
     phases = {name: p["status"] for name, p in report["phases"].items()}
     assert {phases[p] for p in ("coverage", "fuzzing", "stateful")} == {"success"}, phases
     entries = json.loads(har.read_text())["log"]["entries"]

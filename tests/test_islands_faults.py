@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 from harness.fault_worker import FAULT_WORKER
-from test_islands import BASE, SITES, check_against_reference
-
 from islands_run import run_islands
+from test_islands import BASE, SITES, check_against_reference
 
 
 @pytest.mark.timeout(300)

@@ -33,6 +33,7 @@ from worker.islands.wiring import build_outer, island_max, start_outer_transport
 from worker.logs import set_rank
 from worker.membership.client import Generation
 from worker.membership.facade import Membership
+from worker.membership.identity import open_identity
 from worker.models.blocks import find_block_modules
 from worker.models.dtypes import compute_dtype
 from worker.models.loading import build_model, local_weights
@@ -41,6 +42,7 @@ from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
 from worker.train.config import TrainConfig
 from worker.train.output import write_output
+from worker.train.reporting import ProgressReporter, peer_links
 from worker.train.step_log import StepLog
 from worker.train.traffic import replicate_frozen
 from worker.train.trainer import Trainer
@@ -68,6 +70,11 @@ class WorkerConfig:
     heartbeat_interval: float = 2.0
     output: str | None = None  # rank 0 writes final weights and a result JSON here
     max_recoveries: int = 3  # generations this worker may rejoin after losing a peer
+    # an https:// coordinator: its CA (a file, or the SHA-256 to pin when fetching it), and
+    # where key, certificate and credential are kept (membership/identity.py)
+    ca: str | None = None
+    ca_fingerprint: str | None = None
+    identity_dir: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -91,7 +98,8 @@ def build_collectives(cfg: WorkerConfig, generation: Generation,
         return GrpcCollectives.bind(transport, rank=generation.rank,
                                     world_size=generation.world_size, peers=peers,
                                     generation=generation.generation, timeout=cfg.train.timeout,
-                                    param_codec=param_codec, grad_codec=grad_codec)
+                                    param_codec=param_codec, grad_codec=grad_codec,
+                                    members=[p.worker_id for p in generation.peers])
     backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
     return TorchCollectives(rank=generation.rank, world_size=generation.world_size,
                             store_addr=peers[0], backend=backend, timeout=cfg.train.timeout,
@@ -163,6 +171,12 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
     peer is lost; the caller rejoins."""
     cfg.train.check_world_size(gen.world_size)
     collectives = build_collectives(cfg, gen, transport)
+    # "who is stuck": the trainer reports its position, and what it waits for while blocked
+    reporter = ProgressReporter(membership.report_progress, rank=gen.rank,
+                                generation=gen.generation,
+                                waiting=getattr(collectives, "waiting", None))
+    observers, unwatch = observers.adding(reporter), reporter.install()
+    reporter.report()
     trainer = step_log = None
     try:
         if cfg.train.buddy:  # survivors of a lost generation left their buddy copies: publish
@@ -177,7 +191,8 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
         def on_step(done) -> None:
             # Telemetry also moves the coordinator's step/loss/throughput columns; heartbeats
             # carry only the phase (they used to repeat these three every step).
-            membership.report(**done.to_dict(), rank=gen.rank, generation=gen.generation)
+            membership.report(**done.to_dict(), rank=gen.rank, generation=gen.generation,
+                              links=peer_links(collectives))
             if step_log is not None:
                 step_log.write(done, getattr(collectives, "bytes_sent", None))
 
@@ -204,6 +219,7 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
             write_rescue(trainer.buddy, cfg.train.checkpoint_root)
         raise
     finally:
+        unwatch()
         collectives.close()
         if step_log is not None:
             step_log.close()
@@ -214,9 +230,12 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
 
     ``observers`` see every activity of the engine, trainer and checkpoints as it begins."""
     bus = Observers(observers)
+    identity = open_identity(cfg.coordinator, cfg.worker_id, ca=cfg.ca,
+                             ca_fingerprint=cfg.ca_fingerprint, directory=cfg.identity_dir)
     transport = None
     if cfg.train.backend == "grpc":
-        transport = GrpcTransport(host=cfg.bind_host, port=cfg.port, token=cfg.token)
+        transport = GrpcTransport(host=cfg.bind_host, port=cfg.port, token=cfg.token,
+                                  tls=identity and identity.peer_tls())
         port = transport.port
     else:
         port = cfg.port or free_port(cfg.bind_host)
@@ -234,7 +253,7 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
                             ip_address=host, port=port, device=cfg.train.device,
                             heartbeat_interval=cfg.heartbeat_interval,
                             cpu_cores=os.cpu_count() or 1, site=cfg.train.islands.site,
-                            outer_port=outer_port)
+                            outer_port=outer_port, identity=identity)
     try:
         data = build_data(cfg.train)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)

@@ -6,21 +6,24 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from coordinator.deps import BEARER, CoordinatorDep, WorkerIdQuery
+from coordinator.deps import BEARER, CoordinatorDep, PrincipalDep, WorkerIdQuery
 from coordinator.models import Message, TelemetryRequest, TelemetryRow
 from coordinator.responses import AUTHED, WITH_BODY, refusals
+from coordinator.roles import acts_for
 
 router = APIRouter(prefix="/telemetry", tags=["telemetry"], dependencies=BEARER)
 
 
-@router.post("", responses=refusals(*WITH_BODY, 404))
-async def report(body: TelemetryRequest, coord: CoordinatorDep) -> Message:
+@router.post("", responses=refusals(*WITH_BODY, 403, 404))
+async def report(body: TelemetryRequest, coord: CoordinatorDep,
+                 principal: PrincipalDep) -> Message:
     """Store one row of numeric metrics for a registered worker."""
+    acts_for(principal, body.worker_id)
     coord.telemetry(body.worker_id, body.metrics())
     return Message(message="stored")
 
 
-@router.get("", responses=refusals(*AUTHED, 422))
+@router.get("", responses=refusals(*AUTHED, 403, 422))
 async def recent(coord: CoordinatorDep, worker_id: WorkerIdQuery = None,
            limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[TelemetryRow]:
     """The newest ``limit`` rows, oldest first, of one worker or of all."""

@@ -15,7 +15,7 @@ from coordinator.responses import AUTHED, refusals
 router = APIRouter(prefix="/training", tags=["training"], dependencies=BEARER)
 
 
-@router.get("/ready", responses=refusals(*AUTHED, 409, 422))
+@router.get("/ready", responses=refusals(*AUTHED, 403, 409, 422))
 async def ready(barrier: BarrierDep,
                 min_workers: Annotated[int, Query(ge=1, le=MAX_WORKERS)],
                 wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
@@ -29,7 +29,7 @@ async def ready(barrier: BarrierDep,
                                site=site)
 
 
-@router.get("/generation", responses=refusals(*AUTHED, 422))
+@router.get("/generation", responses=refusals(*AUTHED, 403, 422))
 async def generation(coord: CoordinatorDep, site: SiteQuery = DEFAULT_SITE) -> GenerationOut:
     """``site``'s active generation and its members, without forming one (for dashboards)."""
     gen = coord.store.current_generation(site)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 
-from worker.cli.options import build_train_config, help_text
+from worker.cli.options import (
+    build_train_config,
+    default_rows,
+    help_text,
+    raw_options,
+    resolve_epochs,
+)
 from worker.cluster.launcher import run_local_cluster
 from worker.logs import setup as setup_logging
 
@@ -82,6 +88,13 @@ def worker(
     max_recoveries: int = typer.Option(3, help="times to rejoin and resume after a lost peer"),
     heartbeat_interval: float = typer.Option(2.0, help="seconds between heartbeats"),
     log_level: str = typer.Option("info", help="debug, info, warning"),
+    ca: str = typer.Option(None, envvar="ZEROP2P_CA", help="an https:// coordinator's CA "
+                           "certificate (its --tls-dir's ca.pem)"),
+    ca_fingerprint: str = typer.Option(None, envvar="ZEROP2P_CA_FINGERPRINT", help="instead "
+                                       "of --ca: fetch the CA from the coordinator, accepted "
+                                       "only with this SHA-256 (the coordinator prints it)"),
+    identity_dir: str = typer.Option(None, help="where this worker keeps its key, certificate "
+                                     "and credential (default: ~/.local/state/zerop2p/...)"),
 ) -> None:
     """Join a coordinator and train with the other workers (training options below).
 
@@ -92,7 +105,7 @@ def worker(
     setup_logging(log_level)
     token = _token(ctx, token, token_file)
     try:
-        train = build_train_config(list(ctx.args))
+        train = resolve_epochs(build_train_config(list(ctx.args)))
     except (ValueError, TypeError, OSError) as err:
         _fail(str(err))
     try:
@@ -101,12 +114,19 @@ def worker(
                            outer_port=outer_port, outer_advertise=outer_advertise,
                            min_workers=min_workers, join_timeout=join_timeout, output=output,
                            train=train, max_recoveries=max_recoveries,
-                           heartbeat_interval=heartbeat_interval,
+                           heartbeat_interval=heartbeat_interval, ca=ca,
+                           ca_fingerprint=ca_fingerprint, identity_dir=identity_dir,
                            **({"worker_id": worker_id} if worker_id else {}))
     except ValueError as err:
         _fail(str(err))
     observers = (ctx.obj or {}).get("observers", ()) if isinstance(ctx.obj, dict) else ()
-    raise typer.Exit(run_worker(cfg, observers=observers))
+    from worker.membership.identity import IdentityError  # lazy: cryptography
+
+    try:
+        code = run_worker(cfg, observers=observers)
+    except IdentityError as err:
+        _fail(str(err))
+    raise typer.Exit(code)
 
 
 @app.command(context_settings=PASS_THROUGH, epilog="\b\n" + help_text())
@@ -118,16 +138,24 @@ def train(
                                       "(--timeout is forwarded: each collective's deadline)"),
     output: str = typer.Option(None, help="final weights and result.json are written here"),
 ) -> None:
-    """Start a local coordinator and N workers and train (every worker option is forwarded)."""
+    """Start a local coordinator and N workers and train (every worker option is forwarded).
+
+    Without --micro-batch-rows the workers get the default rounded up to a multiple of
+    --world-size (9 rows for 3 workers), so the defaults work for any world size."""
 
     if world_size < 1:
         _fail(f"--world-size must be >= 1, got {world_size}")
+    args = list(ctx.args)
     try:  # fail here, once, before any process starts (not in every worker after it joined)
-        build_train_config(list(ctx.args)).check_world_size(world_size)
+        if "micro_batch_rows" not in raw_options(args):
+            args += ["--micro-batch-rows", str(default_rows(world_size))]
+        config = build_train_config(args)
+        config.check_world_size(world_size)
+        resolve_epochs(config)  # a dataset too small for one step is refused here
     except (ValueError, TypeError, OSError) as err:
         _fail(str(err))
     try:
-        args = list(ctx.args) + (["--output", output] if output else [])
+        args += ["--output", output] if output else []
         run_local_cluster(world_size, args, timeout=run_timeout, max_restarts=max_restarts)
     except (RuntimeError, TimeoutError) as err:
         _fail(str(err))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "ZEROP2P_TOKEN"
-URL_LINE = re.compile(r"coordinator listening on (http://\S+)")
+URL_LINE = re.compile(r"coordinator listening on (https?://\S+)")
 WORKER_ENTRY = (sys.executable, "-m", "worker.cli")  # the zerop2p command of this interpreter
 
 
@@ -89,12 +89,18 @@ def token_env(token: str | None) -> dict[str, str]:
 
 def start_coordinator(*, token: str | None, db: str = ":memory:", heartbeat_timeout: float = 10.0,
                       echo: bool = True, port: int = 0, host: str = "127.0.0.1",
-                      prefix: Sequence[str] = ()) -> tuple[Child, str]:
+                      prefix: Sequence[str] = (), stall_after: float | None = None,
+                      tls_dir: str | None = None) -> tuple[Child, str]:
     """A real coordinator (on a free port unless ``port`` is given); returns it and the URL it
     printed. ``prefix`` runs it under another command (``ip netns exec NS`` in the test bed).
-    The token travels in its environment."""
+    The token travels in its environment. ``tls_dir``: HTTPS and the cluster CA kept there
+    (``--tls auto``; workers join with ``--ca tls_dir/ca.pem``)."""
     argv = [*prefix, sys.executable, "-m", "coordinator", "--host", host, "--port", str(port),
             "--db", db, "--heartbeat-timeout", str(heartbeat_timeout)]
+    if tls_dir is not None:
+        argv += ["--tls", "auto", "--tls-dir", tls_dir]
+    if stall_after is not None:
+        argv += ["--stall-after", str(stall_after)]
     child, url = spawn("coordinator", argv, env=token_env(token), echo=echo, wait_for=URL_LINE,
                        timeout=60.0)
     return child, url
@@ -199,21 +205,26 @@ def local_worker_env(world_size: int, env: dict | None = None) -> dict:
 def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | None = None,
                       timeout: float = 1800.0, echo: bool = True, max_restarts: int = 0,
                       worker_env: dict | None = None,
-                      worker_entry: Sequence[str] = WORKER_ENTRY) -> list[Child]:
+                      worker_entry: Sequence[str] = WORKER_ENTRY,
+                      tls_dir: str | None = None) -> list[Child]:
     """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed.
 
     A crashed worker is restarted under its own id (up to ``max_restarts`` times): it registers
     again, which ends the generation, and the workers resume together from the last checkpoint.
     Without ``token`` the run makes a random one, handed to every process in its environment.
+    With ``tls_dir`` the coordinator is the cluster's CA (kept there) and the workers talk
+    HTTPS to it and mutual TLS to each other, each keeping its identity in ``tls_dir/w<i>``.
     """
     token = token or new_token()
-    coordinator, url = start_coordinator(token=token, echo=echo)
+    coordinator, url = start_coordinator(token=token, echo=echo, tls_dir=tls_dir)
     workers: list[Child] = []
     try:
         env = {**local_worker_env(world_size, worker_env), **token_env(token)}
         for i in range(world_size):
+            tls = [] if tls_dir is None else ["--ca", os.path.join(tls_dir, "ca.pem"),
+                                              "--identity-dir", os.path.join(tls_dir, f"w{i}")]
             argv = worker_argv(url, worker_id=f"w{i}", min_workers=world_size,
-                               extra=worker_args, entry=worker_entry)
+                               extra=tls + worker_args, entry=worker_entry)
             workers.append(spawn(f"w{i}", argv, env=env, echo=echo)[0])
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
         return workers

@@ -24,11 +24,13 @@ from pydantic import BaseModel, ValidationError
 from coordinator.models import (
     DecidedRound,
     HeartbeatRequest,
+    ProgressRequest,
     ReadyResponse,
     RegisterRequest,
     RoundRequest,
     RoundResponse,
     TelemetryRequest,
+    peer_fields,
 )
 from worker.membership.views import (  # re-exported: the client's answers
     DEFAULT_SITE,
@@ -180,12 +182,21 @@ class CoordinatorClient:
         """Leave gracefully (the generation this worker is in ends)."""
         return await self._request("DELETE", f"/workers/{self.worker_id}", retry_for=retry_for)
 
-    async def report_telemetry(self, *, retry_for: float | None = None, **metrics: Any) -> dict:
-        """Send one row of numeric metrics (flags travel as 0/1: the route takes numbers only)."""
+    async def report_telemetry(self, *, retry_for: float | None = None, links: Any = (),
+                               **metrics: Any) -> dict:
+        """Send one row of numeric metrics (flags travel as 0/1: the route takes numbers only);
+        ``links`` (``rank``, ``rtt_s``, ``send_bytes_per_s``) add ``peer_fields``, slowest first."""
         numbers = {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items()}
+        numbers.update(peer_fields(links, used=len(numbers) + 1))  # + worker_id
         return await self._request("POST", "/telemetry",
                                    body=_body(TelemetryRequest, keep_none=True,
                                               worker_id=self.worker_id, **numbers),
+                                   retry_for=retry_for)
+
+    async def report_progress(self, *, retry_for: float | None = None, **fields: Any) -> dict:
+        """Where this worker's trainer is and what it waits for (``ProgressRequest``)."""
+        return await self._request("POST", "/training/progress",
+                                   body=_body(ProgressRequest, worker_id=self.worker_id, **fields),
                                    retry_for=retry_for)
 
     async def wait_ready(self, min_workers: int, *, timeout: float,

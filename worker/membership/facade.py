@@ -11,11 +11,14 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from communication.loop_thread import LoopThread
 from worker.membership.client import REQUEST_TIMEOUT_S, CoordinatorClient
+from worker.membership.enrolment import RenewalTask, SecureClient
 from worker.membership.heartbeat import HeartbeatTask
+from worker.membership.identity import WorkerIdentity
 from worker.membership.views import DEFAULT_SITE, Generation, RoundInfo
 
 log = logging.getLogger(__name__)
@@ -34,13 +37,18 @@ class Membership:
     def __init__(self, url: str, *, token: str | None = None, worker_id: str, ip_address: str,
                  port: int, device: str = "cpu", heartbeat_interval: float = 2.0,
                  request_timeout: float = REQUEST_TIMEOUT_S, site: str = DEFAULT_SITE,
-                 outer_port: int | None = None, **info: Any) -> None:
+                 outer_port: int | None = None, identity: WorkerIdentity | None = None,
+                 **info: Any) -> None:
+        """``identity``: a TLS cluster's (enrolment.py): HTTPS, a certificate, a credential."""
         self.worker_id = worker_id
         self.site = site
         self._registration = {"ip_address": ip_address, "port": port, "device": device,
                               "site": site, "outer_port": outer_port, **info}
-        self._client = CoordinatorClient(url, token=token, worker_id=worker_id,
-                                         request_timeout=request_timeout)
+        self._client = (CoordinatorClient(url, token=token, worker_id=worker_id,
+                                          request_timeout=request_timeout) if identity is None
+                        else SecureClient(url, identity=identity, token=token,
+                                          worker_id=worker_id, request_timeout=request_timeout))
+        self._renewal = None if identity is None else RenewalTask(self._client)
         self._heartbeat = HeartbeatTask(self._client, interval=heartbeat_interval)
         self._last_generation: int | None = None
         self._pending = 0
@@ -82,7 +90,11 @@ class Membership:
         within ``timeout`` seconds (the last request may end one request timeout later)."""
         async def _join() -> Generation:
             start = time.monotonic()
-            await self._client.register(**self._registration, retry_for=timeout)
+            if self._renewal is None:
+                await self._client.register(**self._registration, retry_for=timeout)
+            else:
+                await self._client.enrol(**self._registration, retry_for=timeout)
+                self._renewal.start()
             self._heartbeat.start()
             remaining = start + timeout - time.monotonic()
             if remaining <= 0:
@@ -133,6 +145,14 @@ class Membership:
 
     def report(self, **metrics: Any) -> None:
         """Fire-and-forget telemetry: never blocks, never raises; drops when backed up."""
+        self._fire(functools.partial(self._client.report_telemetry, retry_for=0.0, **metrics))
+
+    def report_progress(self, **fields: Any) -> None:
+        """Fire-and-forget progress of this worker's trainer (``POST /training/progress``),
+        as ``report``: sent by the training thread itself, about every second."""
+        self._fire(functools.partial(self._client.report_progress, retry_for=0.0, **fields))
+
+    def _fire(self, call: Callable[[], Coroutine]) -> None:
         try:
             with self._lock:
                 if self._closed:
@@ -143,8 +163,7 @@ class Membership:
                         log.warning("%s: coordinator slow; dropping telemetry", self.worker_id)
                     return
                 self._pending += 1
-            future = self._loop.submit(
-                self._client.report_telemetry(retry_for=0.0, **metrics))
+            future = self._loop.submit(call())
             future.add_done_callback(self._reported)
         except Exception as exc:  # telemetry must never stop training
             log.warning("%s: telemetry not sent: %s", self.worker_id, exc)
@@ -163,6 +182,8 @@ class Membership:
 
         async def _leave() -> None:
             await self._heartbeat.stop()
+            if self._renewal is not None:
+                await self._renewal.stop()
             await self._client.leave(retry_for=retry_for)
 
         self._call(_leave(), retry_for, "leave")
@@ -176,6 +197,8 @@ class Membership:
 
         async def _shutdown() -> None:
             await self._heartbeat.stop()
+            if self._renewal is not None:
+                await self._renewal.stop()
             await self._client.close()
 
         try:
