@@ -20,6 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# ip and tc (iproute2) build the slow-links test bed's namespaces; root installs them.
 	command -v tc >/dev/null || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -q && apt-get install -y -q iproute2)
+	# headless Chromium and its driver for the dashboard's browser test; root installs them.
+	command -v chromedriver >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
 	touch $(STAMP)
 
 demo: $(STAMP)
