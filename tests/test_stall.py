@@ -33,7 +33,7 @@ WORLD = 3
 STEPS = 100  # ~10 steps a second here: the stop lands well before the end
 ARGS = ["--model", "tiny-gpt2", "--steps", str(STEPS), "--micro-batch-rows", "6", "--seq-len",
         "32", "--max-tokens", "60000", "--schedule", "constant", "--lr", "3e-3",
-        "--heartbeat-interval", "0.5"]
+        "--heartbeat-interval", "0.5", "--eval-every", "50"]
 
 
 def until(what: str, check: Callable[[], object], timeout: float, every: float = 0.1):
@@ -138,6 +138,10 @@ def test_a_stopped_worker_is_named_with_the_key_it_owes_and_the_run_finishes(tmp
         result = json.loads((tmp_path / "result.json").read_text())
         assert result["generation"] == 1, "the stop must not have cost a generation"
         assert len(result["losses"]) == STEPS
+        # The held-out loss reaches the coordinator too (the dashboard's eval curve).
+        rows = http.get("/telemetry", params={"worker_id": "w0", "limit": 10_000}).json()
+        evals = [r["metrics"]["eval_loss"] for r in rows if "eval_loss" in r["metrics"]]
+        assert evals == [loss for _, loss in result["eval"]], (evals, result["eval"])
     finally:
         http.close()
         kill_all(workers + [coordinator])

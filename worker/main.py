@@ -203,6 +203,8 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
                             timeout=cfg.train.timeout, lora=cfg.train.lora)
         trainer = Trainer(cfg.train, engine=engine, data=data, rank=gen.rank,
                           world_size=gen.world_size, on_step=on_step, outer=outer)
+        trainer.on_eval = lambda step, loss: membership.report(  # the dashboard's eval curve
+            step=step, eval_loss=loss, rank=gen.rank, generation=gen.generation)
         if trainer.resume():
             log.info("rank %d resumed at step %d", gen.rank, trainer.step)
         if outer is not None:

@@ -78,6 +78,7 @@ class Trainer:
                                          engine_decay_ranges(engine))
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.steps)
         self.on_step = on_step
+        self.on_eval: Callable[[int, float], None] | None = None  # (step, held-out loss)
         self.outer = outer  # the outer (DiLoCo) loop between islands, if there are several
         self.data_rank, self.data_world, self.data_rows = data_share(config, rank=rank,
                                                                      world_size=world_size)
@@ -193,8 +194,11 @@ class Trainer:
                 self._outer_round()
             last = self.step == self.config.steps
             if self.config.eval_every and (self.step % self.config.eval_every == 0 or last):
+                value = self.evaluate()
                 log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "step %d eval loss %.4f",
-                        self.step, self.evaluate())
+                        self.step, value)
+                if self.on_eval:
+                    self.on_eval(self.step, value)
             if self.buddy:
                 self.buddy.after_step()
             if self._checkpoint_due():
