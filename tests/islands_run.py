@@ -57,14 +57,16 @@ def run_islands(out: Path, *, sites: dict[str, int], args: list[str],
                 site_args: dict[str, list[str]] | None = None, timeout: float = 240.0,
                 max_restarts: int = 0, heartbeat_timeout: float = 10.0,
                 site_env: dict[str, dict[str, str]] | None = None,
-                site_entry: dict[str, Sequence[str]] | None = None) -> IslandRun:
+                site_entry: dict[str, Sequence[str]] | None = None,
+                tls_dir: Path | None = None) -> IslandRun:
     """Coordinator plus ``sites[name]`` workers per site, each with ``--site name --sites
     ...`` and ``--output out/name``; returns once every worker exits 0 (a failed one is
     restarted up to ``max_restarts`` times). ``site_env`` and ``site_entry`` start one site's
     workers differently (a fault injector)."""
     token = new_token()
     coordinator, url = start_coordinator(token=token, echo=False,
-                                         heartbeat_timeout=heartbeat_timeout)
+                                         heartbeat_timeout=heartbeat_timeout,
+                                         tls_dir=None if tls_dir is None else str(tls_dir))
     workers: list[Child] = []
     try:
         env = {**local_worker_env(sum(sites.values())), **token_env(token)}
@@ -73,11 +75,15 @@ def run_islands(out: Path, *, sites: dict[str, int], args: list[str],
                      *args, *(site_args or {}).get(site, [])]
             entry = (site_entry or {}).get(site, WORKER_ENTRY)
             for i in range(n):
-                argv = worker_argv(url, worker_id=f"{site}{i}", min_workers=n, extra=extra,
-                                   entry=entry)
+                tls = [] if tls_dir is None else ["--ca", str(tls_dir / "ca.pem"),
+                                                  "--identity-dir", str(tls_dir / f"{site}{i}")]
+                argv = worker_argv(url, worker_id=f"{site}{i}", min_workers=n,
+                                   extra=[*tls, *extra], entry=entry)
                 workers.append(spawn(f"{site}{i}", argv, env={**env, **(site_env or {}).get(
                     site, {})}, echo=False)[0])
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
+        if tls_dir is not None:  # reading every round takes the admin token there
+            return IslandRun(rounds=[], workers=workers, out=out)
         reply = httpx.get(f"{url}/islands/rounds", timeout=10.0,
                           headers={"Authorization": f"Bearer {token}"})
         reply.raise_for_status()

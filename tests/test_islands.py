@@ -167,3 +167,19 @@ def test_int8_outer_codec_converges_like_raw_with_a_quarter_of_the_bytes(tmp_pat
     assert loss["raw"] < 0.9 * start, "the exact run did not learn"
     assert abs(loss["int8"] / loss["raw"] - 1) < 0.01
     assert sent["int8"] < 0.3 * sent["raw"]
+
+
+@pytest.mark.timeout(300)
+def test_islands_over_mutual_tls_match_the_plain_run(tmp_path):
+    """Inner and outer planes both mutual TLS (certificates from the coordinator's CA): the
+    same global weights as the plain run, bit for bit."""
+    args = [*BASE, "--steps", "4", "--outer-every", "2"]
+    sites = {s: 1 for s in SITES}
+    plain = run_islands(tmp_path / "plain", sites=sites, args=args)
+    secure = run_islands(tmp_path / "tls", sites=sites, args=args, tls_dir=tmp_path / "ca")
+    a, b = plain.weights("a"), secure.weights("a")
+    assert all(torch.equal(a[n], b[n]) for n in a), "TLS changed the result"
+    for name in ("a0", "b0"):
+        served = [line for line in secure.output(name).splitlines()
+                  if "peer server listening" in line]
+        assert len(served) == 2 and all("(TLS)" in line for line in served), served

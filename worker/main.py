@@ -247,7 +247,7 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
         log.info("%s serves on %s:%d and advertises %s:%d", cfg.worker_id, cfg.bind_host,
                  transport.port if transport else cfg.port, host, port)
     outer = start_outer_transport(cfg.train.islands, bind_host=cfg.bind_host, port=cfg.outer_port,
-                            token=cfg.token)
+                                  token=cfg.token, tls=identity and identity.peer_tls())
     outer_port = None if outer is None else outer.port
     if cfg.outer_advertise is not None:
         outer_port = parse_address(cfg.outer_advertise)[1]  # the host is the worker's own

@@ -169,9 +169,10 @@ class OuterSync:
         peers = [f"{i.members[self.rank].ip_address}:{i.members[self.rank].port}"
                  for i in info.islands]
         group_rank = [i.site for i in info.islands].index(self.config.site)
+        members = [i.members[self.rank].worker_id for i in info.islands]  # the mTLS identities
         return GrpcCollectives.bind(self.transport, rank=group_rank, world_size=len(peers),
                                     peers=peers, generation=number, timeout=self.timeout,
-                                    codec=self.config.outer_codec)
+                                    codec=self.config.outer_codec, members=members)
 
     def _key(self, number: int, phase: Phase) -> Key:
         return Key(generation=number, phase=phase, step=number, index=self.rank)

@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def start_outer_transport(islands: IslandConfig, *, bind_host: str, port: int,
-                          token: str | None) -> GrpcTransport | None:
-    """The second gRPC server, for the exchange between islands (None with one island)."""
+                          token: str | None, tls=None) -> GrpcTransport | None:
+    """The second gRPC server, for the exchange between islands (None with one island); with
+    ``tls`` (the worker's certificate) it speaks mutual TLS like the inner one."""
     if not islands.enabled:
         return None
-    transport = GrpcTransport(host=bind_host, port=port, token=token)
+    transport = GrpcTransport(host=bind_host, port=port, token=token, tls=tls)
     log.info("site %s: outer server on %s:%d", islands.site, bind_host, transport.port)
     return transport
 
