@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from worker.cluster.progress import ProgressLine
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "ZEROP2P_TOKEN"
@@ -206,7 +208,8 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
                       timeout: float = 1800.0, echo: bool = True, max_restarts: int = 0,
                       worker_env: dict | None = None,
                       worker_entry: Sequence[str] = WORKER_ENTRY,
-                      tls_dir: str | None = None) -> list[Child]:
+                      tls_dir: str | None = None,
+                      progress_steps: int | None = None) -> list[Child]:
     """Coordinator + ``world_size`` workers on this machine; returns once all workers succeed.
 
     A crashed worker is restarted under its own id (up to ``max_restarts`` times): it registers
@@ -214,10 +217,16 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
     Without ``token`` the run makes a random one, handed to every process in its environment.
     With ``tls_dir`` the coordinator is the cluster's CA (kept there) and the workers talk
     HTTPS to it and mutual TLS to each other, each keeping its identity in ``tls_dir/w<i>``.
+    ``progress_steps``: show the run's progress out of that many steps from the coordinator's
+    view (progress.py; on a terminal a bar, and the workers' output is kept, not echoed).
     """
     token = token or new_token()
     coordinator, url = start_coordinator(token=token, echo=echo, tls_dir=tls_dir)
     workers: list[Child] = []
+    line = None
+    if progress_steps and tls_dir is None:
+        line = ProgressLine(url, token=token, total_steps=progress_steps)
+        echo = echo and not line.terminal
     try:
         env = {**local_worker_env(world_size, worker_env), **token_env(token)}
         for i in range(world_size):
@@ -229,5 +238,7 @@ def run_local_cluster(world_size: int, worker_args: list[str], *, token: str | N
         supervise(workers, timeout=timeout, max_restarts=max_restarts)
         return workers
     finally:
+        if line is not None:
+            line.close()
         stop_all(workers)
         kill_all([coordinator])
