@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from worker.cli.doctor.command import doctor
 from worker.cli.options import (
     build_train_config,
     default_rows,
@@ -151,14 +152,19 @@ def train(
             args += ["--micro-batch-rows", str(default_rows(world_size))]
         config = build_train_config(args)
         config.check_world_size(world_size)
-        resolve_epochs(config)  # a dataset too small for one step is refused here
+        config = resolve_epochs(config)  # a dataset too small for one step is refused here
     except (ValueError, TypeError, OSError) as err:
         _fail(str(err))
     try:
         args += ["--output", output] if output else []
-        run_local_cluster(world_size, args, timeout=run_timeout, max_restarts=max_restarts)
+        run_local_cluster(world_size, args, timeout=run_timeout, max_restarts=max_restarts,
+                          progress_steps=config.steps)
     except (RuntimeError, TimeoutError) as err:
         _fail(str(err))
+
+
+# ``zerop2p doctor``: sharded vs one process on the user's model, and the cluster checks
+app.command("doctor", context_settings=PASS_THROUGH, epilog="\b\n" + help_text())(doctor)
 
 
 @app.command()
