@@ -192,3 +192,41 @@ def test_your_own_files_are_checked_to_belong_together(tmp_path):
         CertificateAuthority.from_files(**{**files, "ca_key": tmp_path / "other" / "ca.key"})
     with pytest.raises(AuthorityError, match="missing --tls-ca-key"):
         authority_from(Settings(db=":memory:", tls_cert="x", tls_key="y", tls_ca="z"))
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_or_revoked_worker_credential_is_refused_naming_it(coordinator, tmp_path):
+    """Worker credentials do not expire (certificates do, test_tls_identity.py): a made-up
+    one, one altered by a character and one revoked are 401 on every worker route, naming
+    what was wrong; another worker's valid one is 403 on this id's routes, renewal included."""
+    url, _, ca, _ = coordinator
+    me = WorkerIdentity("erin", ca_pem=ca.read_bytes(), directory=tmp_path / "erin")
+    with http(url, ca, JOIN) as join, http(url, ca, ADMIN) as admin:
+        erin = join.post("/workers/register", json=registration("erin", csr=me.csr())).json()
+        frank = join.post("/workers/register", json=registration("frank")).json()["credential"]
+        real = erin["credential"]
+        altered = real[:-1] + ("A" if real[-1] != "A" else "B")
+        assert admin.delete("/workers/frank").status_code == 200  # frank's credential revoked
+        ghost = join.post("/workers/register", json=registration("ghost")).json()["credential"]
+        routes = (("post", "/workers/erin/heartbeat", {}),
+                  ("post", "/workers/erin/certificate", {"csr": me.csr()}),
+                  ("post", "/telemetry", {"worker_id": "erin", "loss": 1.0}),
+                  ("delete", "/workers/erin", None))
+        for what, token in (("made up", "x" * 43), ("altered", altered), ("revoked", frank)):
+            with http(url, ca, token) as client:
+                for method, path, body in routes:
+                    kwargs = {} if body is None else {"json": body}
+                    answer = getattr(client, method)(path, **kwargs)
+                    assert answer.status_code == 401, (what, path, answer.text)
+                    assert "not the join token, the admin token or a worker's credential" in (
+                        answer.text), (what, path, answer.text)
+        with http(url, ca, ghost) as other:
+            for method, path, body in routes:
+                kwargs = {} if body is None else {"json": body}
+                answer = getattr(other, method)(path, **kwargs)
+                assert answer.status_code == 403, (path, answer.text)
+                assert "'erin'" in answer.text, (path, answer.text)
+        with http(url, ca, real) as client:  # the positive control, after all of the above
+            assert client.post("/workers/erin/heartbeat", json={}).status_code == 200
+            renewed = client.post("/workers/erin/certificate", json={"csr": me.csr()})
+            assert renewed.status_code == 200, renewed.text

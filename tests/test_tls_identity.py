@@ -4,17 +4,23 @@ loopback: collectives work, ring forwarding included; a peer without a client ce
 another CA's, or dialling the wrong worker, is refused at the handshake; a certified peer that
 claims another rank's sender or origin is refused with PERMISSION_DENIED naming the claimed
 rank, its certificate's id and the id expected, and the slot it aimed at completes with the
-real contributions only."""
+real contributions only; a certificate signed by the CA but past its end is refused at the
+handshake, presented by a client or served by a server."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from urllib.parse import quote
 
 import grpc
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from communication import identity as peer_identity
 from communication.auth import TlsConfig
@@ -168,3 +174,48 @@ def test_renewal_serves_the_new_certificate_to_new_handshakes(cluster):
     assert ids[3].renew_at() > time.time() + 500
     err = asyncio.run(_ping(peers[3], ids[0].peer_tls(), peer_identity.worker_dns_name(IDS[3])))
     assert err is None
+
+
+def expired_material(ca_dir, ca_pem: bytes, worker_id: str) -> Material:
+    """A certificate for ``worker_id`` signed with the CA key kept in ``ca_dir``, with the
+    names of a real one, that ended an hour ago."""
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, worker_id)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=2))
+            .not_valid_after(now - datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.UniformResourceIdentifier(coordinator_authority.worker_uri(worker_id)),
+                x509.DNSName(peer_identity.worker_dns_name(worker_id))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert.verify_directly_issued_by(ca_cert)  # the CA's own signature: only the date is wrong
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return Material(key_pem, coordinator_authority.pem_of(cert).encode(), ca_pem, epoch=1)
+
+
+@pytest.mark.timeout(60)
+async def test_an_expired_certificate_signed_by_the_ca_is_refused_at_the_handshake(cluster):
+    ca, ids, transports, peers, tmp = cluster
+    w1 = peer_identity.worker_dns_name(IDS[1])
+    mine, stale = (expired_material(tmp / "ca", ca.ca_pem, w) for w in (IDS[0], "stale"))
+    expired = MutualTls(lambda: mine)
+    assert await _ping(peers[1], ids[0].peer_tls(), w1) is None  # w0's valid one: let in
+    err = await _ping(peers[1], expired, w1)  # the same id, expired: refused by w1's server
+    assert err is not None and err.code == grpc.StatusCode.UNAVAILABLE
+    # A peer server serving an expired certificate: a valid client refuses it.
+    server = GrpcTransport(token=TOKEN, tls=MutualTls(lambda: stale))
+    try:
+        err = await _ping(server.address, ids[0].peer_tls(), peer_identity.worker_dns_name("stale"))
+        assert err is not None and err.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close()
