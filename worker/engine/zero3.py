@@ -203,7 +203,7 @@ class Zero3Engine:
             if self.config.reshard_after_forward or self.phase is EnginePhase.EVAL:
                 unit.free()
             if self.phase is EnginePhase.FORWARD:
-                for t in _tensors(output):
+                for t in iter_tensors(output):
                     if t.requires_grad:
                         t.register_hook(self._make_pre_backward(unit))
             return None
@@ -288,13 +288,13 @@ class Zero3Engine:
                 unit.free()
 
 
-def _tensors(obj):
+def iter_tensors(obj):
     """Every tensor inside a module output (tensor, tuple, list, dict, ModelOutput)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for x in obj:
-            yield from _tensors(x)
+            yield from iter_tensors(x)
     elif isinstance(obj, dict):
         for x in obj.values():
-            yield from _tensors(x)
+            yield from iter_tensors(x)

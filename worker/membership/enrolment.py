@@ -15,7 +15,6 @@ the renewal of its certificate before it ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -25,6 +24,7 @@ import aiohttp
 from coordinator.models import CertificateOut, Registered
 from worker.membership.client import CoordinatorClient, CoordinatorError
 from worker.membership.identity import WorkerIdentity
+from worker.membership.task import BackgroundTask
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +86,16 @@ class SecureClient(CoordinatorClient):
         return answer.not_after
 
 
-class RenewalTask:
+class RenewalTask(BackgroundTask):
     """Keeps the worker's certificate fresh (the note, step 3); start and stop it on the
     client's loop."""
+
+    name = "renewal"
 
     def __init__(self, client: SecureClient) -> None:
         self.client = client
         self.renewed = 0
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="renewal")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        super().__init__()
 
     async def _run(self) -> None:
         identity = self.client.identity

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
 
 from worker.membership.client import CoordinatorClient
+from worker.membership.task import BackgroundTask
 
 log = logging.getLogger(__name__)
 
 
-class HeartbeatTask:
+class HeartbeatTask(BackgroundTask):
     """Heartbeats every ``interval`` seconds (±``jitter``), survives failures, stops at once.
 
     Create, ``start()`` and ``stop()`` it on the client's event loop.
     """
+
+    name = "heartbeat"
 
     def __init__(self, client: CoordinatorClient, *, interval: float = 2.0,
                  jitter: float = 0.1) -> None:
@@ -26,23 +28,11 @@ class HeartbeatTask:
         self.jitter = jitter
         self.sent = 0
         self._status: dict[str, Any] = {}
-        self._task: asyncio.Task | None = None
+        super().__init__()
 
     def update(self, **status: Any) -> None:
         """Replace fields of the status the next heartbeats carry."""
         self._status.update(status)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
-
-    async def stop(self) -> None:
-        """Stop now (cancel: the task wakes at once), abandoning a heartbeat in flight."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _run(self) -> None:
         failing = False

@@ -19,6 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from worker.engine.sharding import discover_units
+from worker.engine.zero3 import iter_tensors
 from worker.models.blocks import find_block_modules
 
 # Functions that read a tensor's metadata only: harmless on a freed parameter.
@@ -52,17 +53,6 @@ class UnitAudit:
         return [r for r in self.rows if r.outside]
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _tensors(x)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors(x)
-
-
 class _Reads(TorchFunctionMode):
     """Records each function that receives a unit's parameter while that unit's module is not
     running. ``running`` is the stack of module names in forward now."""
@@ -76,7 +66,7 @@ class _Reads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") not in METADATA:
-            for t in _tensors((args, kwargs)):
+            for t in iter_tensors((args, kwargs)):
                 hit = self.owner.get(id(t))
                 if hit is None or self.unit_module[hit[0]] in self.running:
                     continue
