@@ -173,3 +173,5 @@ PATTERN_MEANING = {
     SITE_PATTERN: "should be 1-64 characters of letters, digits, '.', '_' or '-', starting "
                   "with a letter or digit",
 }
+
+MAX_FIELDS = 40  # properties in one request body, declared and extra together

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coordinator.models import PEER_FIELD
 from coordinator.progress import ProgressBoard
+from coordinator.progress_models import PEER_FIELD
 from coordinator.service import Coordinator
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

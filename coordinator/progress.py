@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.models import (
+from coordinator.progress_models import (
     ProgressRequest,
     RankStatus,
     StalledRank,

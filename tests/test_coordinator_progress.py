@@ -12,8 +12,9 @@ from coordinator_helpers import client, register, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.config import Settings
-from coordinator.models import MAX_FIELDS, PEER_FIELD, ProgressRequest, peer_fields
+from coordinator.models import MAX_FIELDS
 from coordinator.progress import ProgressBoard
+from coordinator.progress_models import PEER_FIELD, ProgressRequest, peer_fields
 from coordinator.service import Coordinator, Refusal
 from coordinator.store import Store
 

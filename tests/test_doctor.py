@@ -80,7 +80,7 @@ def test_doctor_fails_on_a_unit_pattern_that_splits_a_tied_weight_from_its_reade
 
 
 def test_doctor_refuses_what_it_cannot_compare_before_starting_anything():
-    res = subprocess.run([*DOCTOR, "--checkpoint-dir", "/tmp/x"], capture_output=True, text=True,
+    res = subprocess.run([*DOCTOR, "--checkpoint-dir", "ckpt"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert res.returncode == 2 and "--checkpoint-dir" in res.stderr
     res = subprocess.run([*DOCTOR, "--world-size", "3", "--micro-batch-rows", "4"],

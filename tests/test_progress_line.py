@@ -32,4 +32,5 @@ def test_a_local_run_prints_progress_lines_from_the_coordinator(capfd):
     assert lines, "no progress line"
     steps = [int(m.group(1)) for m in lines]
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
-    assert 1 <= steps[-1] <= STEPS and float(lines[-1].group(2)) > 0
+    assert steps[-1] >= 1 and steps[-1] <= STEPS, steps
+    assert float(lines[-1].group(2)) > 0, lines[-1].group(0)

@@ -6,7 +6,8 @@ from fastapi import APIRouter
 
 from coordinator.deps import BEARER, PrincipalDep, ProgressDep, SiteQuery
 from coordinator.fields import DEFAULT_SITE
-from coordinator.models import Message, ProgressRequest, StatusResponse
+from coordinator.models import Message
+from coordinator.progress_models import ProgressRequest, StatusResponse
 from coordinator.responses import AUTHED, WITH_BODY, refusals
 from coordinator.roles import acts_for
 

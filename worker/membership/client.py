@@ -24,14 +24,13 @@ from pydantic import BaseModel, ValidationError
 from coordinator.models import (
     DecidedRound,
     HeartbeatRequest,
-    ProgressRequest,
     ReadyResponse,
     RegisterRequest,
     RoundRequest,
     RoundResponse,
     TelemetryRequest,
-    peer_fields,
 )
+from coordinator.progress_models import ProgressRequest, peer_fields
 from worker.membership.views import (  # re-exported: the client's answers
     DEFAULT_SITE,
     Generation,
