@@ -22,7 +22,7 @@ the round trip and send rate to each peer (links.py); ``waiting()`` the oldest c
 flight and the ranks that have not sent to it (waiting.py), for the progress reporter.
 A collective completes on receipt: once every contribution is in this rank's slot and every
 send has handed its bytes to gRPC, not when the peers acknowledge (completion.py).
-Large contributions are cut into ranges sent on parallel streams (MAX_STREAMS, from the core
+Large contributions are cut into ranges sent on parallel streams (streams.py, from the core
 count) so encoding, the wire and the receiver's copies overlap; each stream carries ~1 MiB chunks.
 
 Inputs are held by reference (raw codec is zero-copy): callers must not modify a tensor they
@@ -35,10 +35,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 import torch
@@ -48,31 +46,23 @@ from communication.collectives import CollectiveError, Key, Phase, completed
 from communication.completion import complete, set_when_all
 from communication.encoding import encode_parts
 from communication.grpc_transport import GrpcTransport
-from communication.links import PING_TIMEOUT_S, Link, LinkMeter
 from communication.peer_client import PeerCallError
 from communication.peer_loss import PeerLoss
 from communication.proto import zerop2p_pb2 as pb
 from communication.ring import ring_gather
 from communication.slot import Expectation, MissingContributions, Mode
-from communication.waiting import InFlight, Waiting
+from communication.streams import stream_ranges
+from communication.views import ProgressViews
 
 log = logging.getLogger(__name__)
 
 RING_MIN_WORLD = 4
 RING_MIN_BYTES = 1 << 20
-STREAM_MIN_BYTES = 4 << 20
-# Parallel streams per push pay off only with cores to spare: each extra stream is one more RPC
-# (its own fixed cost) while one stream already pipelines its chunks. On 2 cores, 1 stream
-# measured 10-20% faster than 2-4 (see the commit); 16 cores keep the 4 streams.
-CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # this process's
-         else os.cpu_count() or 1)  # allowance, not the host's core count
-MAX_STREAMS = max(1, min(4, CORES // 4))
 RAW = get_codec("raw")
 LOST_AFTER = 5.0  # a peer refusing connections this long is gone (it was up when we started)
-LOOK_TIMEOUT = 0.25  # waiting() and links() read the loop's state; a busy loop answers None
 
 
-class GrpcCollectives:
+class GrpcCollectives(ProgressViews):
     """The Collectives protocol for one generation, on a GrpcTransport."""
 
     def __init__(self, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
@@ -89,8 +79,7 @@ class GrpcCollectives:
         self.bytes_sent: dict[Phase, int] = {p: 0 for p in Phase}
         self._closed = False
         self._loss = PeerLoss(rank, peers)
-        self._flight = InFlight()
-        self._links = LinkMeter(rank, peers, clock=time.monotonic)
+        self._start_views(rank, peers)
 
     @classmethod
     def bind(cls, transport: GrpcTransport, *, rank: int, world_size: int, peers: list[str],
@@ -178,31 +167,6 @@ class GrpcCollectives:
         except RuntimeError:  # the transport's loop is already closed
             pass
 
-    # -- what the progress reporter reads (communication/waiting.py, links.py) -------------
-
-    def waiting(self) -> Waiting | None:
-        """The oldest collective in flight on this rank, with the ranks that have not sent to
-        it (any thread; None also when the loop does not answer within LOOK_TIMEOUT)."""
-        async def look():
-            return self._flight.oldest(self.transport.accumulator, time.monotonic())
-        return self._look(look(), "waiting")
-
-    def links(self) -> list[Link]:
-        """Each peer's round trip and send rate (links.py), and a Ping round started in the
-        background if none ran for a second (any thread; [] if the loop does not answer)."""
-        async def look():
-            self._links.probe(lambda r: self.transport.client(self.peers[r]).ping(
-                self.generation, self.rank, timeout=PING_TIMEOUT_S))
-            return self._links.look()
-        return self._look(look(), "links") or []
-
-    def _look(self, coro, what: str):
-        try:
-            return self.transport.call(coro, timeout=LOOK_TIMEOUT)
-        except (FutureTimeout, RuntimeError) as exc:  # a busy or stopped loop: no answer now
-            log.debug("rank %d: %s not read: %r", self.rank, what, exc)
-            return None
-
     # -- machinery -------------------------------------------------------------------------
 
     @staticmethod
@@ -256,10 +220,7 @@ class GrpcCollectives:
             wire = codec.encode(t) if t.numel() else torch.empty(0, dtype=torch.uint8)
         client = self.transport.client(self.peers[dest])
         n = wire.numel()
-        streams = min(MAX_STREAMS, max(1, n // STREAM_MIN_BYTES))
-        step = -(-n // streams) if n else 0
-        ranges = [(a, min(n, a + step)) for a in range(0, n, step)] if n else [(0, 0)]
-
+        ranges = stream_ranges(n)
         headers = [pb.TensorHeader(key=str(key), generation=self.generation, sender=self.rank,
                                    origin=origin, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
                                    offset=a, total_bytes=b - a, codec=codec.name)
