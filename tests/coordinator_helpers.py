@@ -136,3 +136,24 @@ async def listed_workers(url: str, token: str = TOKEN) -> list[dict]:
         resp = await http.get(f"{url}/workers")
         resp.raise_for_status()
         return resp.json()
+
+
+@contextmanager
+def heartbeats(url: str, ids: list[str], period: float = 0.2) -> Iterator[None]:
+    """Keep ``ids`` alive at the coordinator from a thread while the block runs (the others
+    fall silent and are marked dead by the heartbeat timeout)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        with client(url) as http:
+            while not stop.wait(period):
+                for w in ids:
+                    http.post(f"/workers/{w}/heartbeat", json={})
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()

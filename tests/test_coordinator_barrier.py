@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from coordinator_helpers import TOKEN, client, register, serve, statuses
+from coordinator_helpers import TOKEN, client, heartbeats, register, serve, statuses
 
 from coordinator.config import Settings
 
@@ -103,20 +103,10 @@ def test_long_poll_expires_with_ready_false(url):
 
 
 def test_death_ends_the_generation_and_the_next_is_numbered_up(fast_url):
-    stop = threading.Event()
-
-    def beat(ids):
-        with client(fast_url) as http:
-            while not stop.wait(0.2):
-                for w in ids:
-                    http.post(f"/workers/{w}/heartbeat", json={})
-
     with client(fast_url) as http:
         for w in ("w0", "w1", "w2"):
             register(http, w)
-        beater = threading.Thread(target=beat, args=(["w0", "w1"],))
-        beater.start()
-        try:
+        with heartbeats(fast_url, ["w0", "w1"]):
             first = ready(http, 3, worker_id="w0")
             assert first["generation"] == 1 and len(first["workers"]) == 3
             # Survivors ask for a newer generation: they wait until w2's death ends 1 ...
@@ -131,9 +121,6 @@ def test_death_ends_the_generation_and_the_next_is_numbered_up(fast_url):
             # A dead worker's heartbeat is refused; it must register again.
             r = http.post("/workers/w2/heartbeat", json={})
             assert r.status_code == 409 and "register again" in r.json()["detail"]
-        finally:
-            stop.set()
-            beater.join()
 
 
 def test_leave_and_reregistration_of_a_member_end_the_generation(url):

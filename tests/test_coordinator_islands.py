@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from coordinator_helpers import TOKEN, client, register, serve, statuses
+from coordinator_helpers import TOKEN, client, heartbeats, register, serve, statuses
 
 from coordinator.config import Settings
 from worker.membership.client import CoordinatorClient, CoordinatorError, PeerInfo, RoundInfo
@@ -100,20 +100,10 @@ def test_sites_form_independent_generations_numbered_across_sites(url):
 
 
 def test_a_death_ends_only_its_own_sites_generation(fast_url):
-    stop = threading.Event()
-
-    def beat(ids):
-        with client(fast_url) as http:
-            while not stop.wait(0.2):
-                for w in ids:
-                    http.post(f"/workers/{w}/heartbeat", json={})
-
     with client(fast_url) as http:
         gens = two_islands(http)
         assert gens == {"alpha": 1, "beta": 2}
-        beater = threading.Thread(target=beat, args=(["a0", "b0", "b1"],))  # a1 falls silent
-        beater.start()
-        try:
+        with heartbeats(fast_url, ["a0", "b0", "b1"]):  # a1 falls silent
             again = ready(http, 1, site="alpha", worker_id="a0", after=1, wait=10)
             assert statuses(http)["a1"] == "dead"
             assert again["generation"] == 3 and members(again) == [("a0", 0)]
@@ -131,9 +121,6 @@ def test_a_death_ends_only_its_own_sites_generation(fast_url):
             assert http.get("/training/generation",
                             params={"site": "alpha"}).json()["generation"] is None
             assert ready(http, 2, site="beta")["generation"] == 4
-        finally:
-            stop.set()
-            beater.join()
 
 
 # -- outer rounds --------------------------------------------------------------------------------
