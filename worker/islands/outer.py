@@ -82,12 +82,14 @@ class OuterSync:
     history: list[RoundRecord] = field(default_factory=list)
     globals: list[nn.Parameter] = field(init=False)
     optimizer: torch.optim.SGD = field(init=False)
+    _index: dict[int, int] = field(init=False)  # id(param) -> its place in ``globals``
     residual: torch.Tensor | None = field(init=False, default=None)  # the reduce-scatter's
     gather_residual: torch.Tensor | None = field(init=False, default=None)  # the all-gather's
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.globals = [nn.Parameter(p.detach().clone(), requires_grad=True) for p in self.params]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self.optimizer = torch.optim.SGD(self.globals, lr=cfg.outer_lr,
                                          momentum=cfg.outer_momentum,
                                          nesterov=cfg.outer_nesterov and cfg.outer_momentum > 0,
@@ -96,6 +98,14 @@ class OuterSync:
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def state_of(self, master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The global copy and outer momentum kept for one of ``params`` (None if not one)."""
+        i = self._index.get(id(master))
+        if i is None:
+            return None
+        g = self.globals[i]
+        return g, self.optimizer.state.get(g, {}).get("momentum_buffer")
 
     def due(self, step: int) -> bool:
         """Whether the inner step count ``step`` ends a round."""

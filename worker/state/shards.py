@@ -51,17 +51,9 @@ class ShardedState:
             out.update(self._replicated_tensors())
         return out
 
-    def _outer_pairs(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """id(master) -> (its global copy, its outer momentum or None), for islands runs."""
-        if self.outer is None:
-            return {}
-        state = self.outer.optimizer.state
-        return {id(p): (g, state.get(g, {}).get("momentum_buffer"))
-                for p, g in zip(self.outer.params, self.outer.globals)}
-
     def _outer_tensors(self, master: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         """``<prefix>.outer.global`` and ``.outer.momentum`` of one master (islands only)."""
-        pair = self._outer_pairs().get(id(master))
+        pair = None if self.outer is None else self.outer.state_of(master)
         if pair is None:
             return {}
         out = {f"{prefix}.outer.global": pair[0].detach().cpu().contiguous()}
