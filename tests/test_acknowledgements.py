@@ -9,6 +9,7 @@ contributions to rank 0 through a real PeerClient."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -30,18 +31,23 @@ GENERATION = 4
 
 
 class LatePeer(PeerServicer):
-    """Answers each PushOne after REPLY_AFTER seconds: refused, or acknowledged."""
+    """Answers each PushOne after REPLY_AFTER seconds: the first refused (with ``refuse``),
+    every other acknowledged, so a later collective can fail only through the first's late
+    refusal, never through its own (which would race it)."""
 
     def __init__(self, *args, refuse: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.refuse = refuse
         self.received: list[str] = []
+        self.arrivals = threading.Semaphore(0)  # one release per push that reached this peer
 
     async def PushOne(self, request, context):  # noqa: N802 - gRPC method name
         header, _ = request
         self.received.append(header.key)
+        first = len(self.received) == 1
+        self.arrivals.release()
         await asyncio.sleep(REPLY_AFTER)  # the acknowledgement is slow on purpose
-        if self.refuse:
+        if self.refuse and first:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused by the test peer")
         return pb.PushReply()
 
@@ -90,6 +96,8 @@ def test_a_late_refusal_fails_the_next_collective_naming_peer_and_key(pair):
     took = time.monotonic() - start
     assert torch.equal(total, torch.full((3,), 3.0))
     assert took < REPLY_AFTER, f"completion waited for the acknowledgement ({took:.2f}s)"
+    # Completion is on hand-over to gRPC, so the peer may take the push a moment later.
+    assert servicer.arrivals.acquire(timeout=REPLY_AFTER), "our push never reached the peer"
     assert servicer.received == [str(first)]
 
     start = time.monotonic()
@@ -111,4 +119,6 @@ def test_a_slow_acknowledgement_costs_no_wait_and_no_error(pair):
         fut = coll.all_reduce(key(step), torch.ones(2))
         deliver(key(step), torch.ones(2))
         assert torch.equal(fut.result(timeout=REPLY_AFTER), torch.full((2,), 2.0))
+    # Completion is on hand-over to gRPC: the last pushes may reach the peer a moment later.
+    assert all(servicer.arrivals.acquire(timeout=REPLY_AFTER) for _ in range(3))
     assert servicer.received == [str(key(s)) for s in range(3)]
