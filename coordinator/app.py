@@ -13,15 +13,17 @@ from fastapi import FastAPI
 from coordinator import errors
 from coordinator.authority import CertificateAuthority
 from coordinator.barrier import Barrier
-from coordinator.config import MAX_BODY_BYTES, Settings
+from coordinator.config import MAX_BODY_BYTES, MAX_SERVICE_BODY_BYTES, Settings
 from coordinator.guard import Guard
 from coordinator.identities import Identities
 from coordinator.islands import Islands
 from coordinator.metrics import make_registry
 from coordinator.monitor import HeartbeatMonitor
 from coordinator.progress import ProgressBoard
-from coordinator.routes import identity, islands, ops, progress, telemetry, training, workers
+from coordinator.routes import identity, islands, ops, progress, service, telemetry, training, workers
 from coordinator.service import Coordinator
+from coordinator.session_store import SessionStore
+from coordinator.sessions import Sessions
 from coordinator.store import Store
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,15 @@ def create_app(settings: Settings, *, authority: CertificateAuthority | None = N
     app.state.barrier = Barrier(coordinator, max_wait=settings.max_wait)
     app.state.islands = Islands(coordinator, max_wait=settings.max_wait)
     app.state.progress = board
+    app.state.sessions = Sessions(SessionStore(store), max_wait=settings.max_wait)
     app.state.identities = identities
     app.state.registry = make_registry(coordinator, board)
-    for module in (workers, training, progress, islands, telemetry, ops):
+    for module in (workers, training, progress, islands, telemetry, ops, service):
         app.include_router(module.router)
     if identities is not None:
         app.include_router(identity.router)
     errors.install(app)
     app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY_BYTES,
+                       large_bodies=("/service/", MAX_SERVICE_BODY_BYTES),
                        identities=identities, admin_token=settings.admin_token)
     return app

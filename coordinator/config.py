@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_BODY_BYTES = 64 * 1024  # larger request bodies are refused with 413
+MAX_SERVICE_BODY_BYTES = 16 * 2**20  # /service/ bodies carry batches of token ids
 MAX_WAIT_S = 60.0  # the longest a /training/ready long-poll may hold a request
 TELEMETRY_ROWS_PER_WORKER = 1000  # the telemetry ring keeps this many recent rows per worker
 CERT_LIFETIME_S = 86400.0  # a worker certificate's life; workers renew at two thirds of it

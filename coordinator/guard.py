@@ -38,8 +38,11 @@ class Guard:
     and roles.py's rules answer 403; the request's ``Principal`` is left in its state."""
 
     def __init__(self, app: ASGIApp, *, token: str | None, max_body: int,
-                 identities: Identities | None = None, admin_token: str | None = None) -> None:
+                 identities: Identities | None = None, admin_token: str | None = None,
+                 large_bodies: tuple[str, int] | None = None) -> None:
+        """``large_bodies``: (path prefix, cap) for routes whose bodies carry data."""
         self.app = app
+        self.large_bodies = large_bodies
         self.token = token.encode() if token else None
         self.max_body = max_body
         self.identities = identities
@@ -67,9 +70,12 @@ class Guard:
                 await _refuse(send, 403, why)
                 return
         scope.setdefault("state", {})["principal"] = principal
+        cap = self.max_body
+        if self.large_bodies and scope["path"].startswith(self.large_bodies[0]):
+            cap = self.large_bodies[1]
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _refuse(send, 413, f"body: request body is larger than {self.max_body} bytes")
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            await _refuse(send, 413, f"body: request body is larger than {cap} bytes")
             return
         messages: list[Message] = []
         size = 0
@@ -77,8 +83,8 @@ class Guard:
             message = await receive()
             messages.append(message)
             size += len(message.get("body", b""))
-            if size > self.max_body:
-                await _refuse(send, 413, f"body: request body is larger than {self.max_body} bytes")
+            if size > cap:
+                await _refuse(send, 413, f"body: request body is larger than {cap} bytes")
                 return
             if message["type"] != "http.request" or not message.get("more_body"):
                 break

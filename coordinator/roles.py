@@ -64,6 +64,8 @@ RULES: tuple[tuple[frozenset[str], re.Pattern, Who], ...] = tuple(
         ("POST", r"/islands/rounds/[^/]+", Who.MEMBERS),
         ("GET HEAD", r"/training/(ready|generation)", Who.MEMBERS),
         ("GET HEAD", r"/islands/rounds", Who.MEMBERS),
+        ("GET HEAD", r"/service/(next|resume)", Who.MEMBERS),  # serving workers; clients
+        ("POST", r"/service/(ops/[^/]+/result|sessions/[^/]+/base)", Who.MEMBERS),  # are admin
     ))
 
 

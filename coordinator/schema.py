@@ -63,6 +63,28 @@ CREATE TABLE IF NOT EXISTS round_islands (
     joining INTEGER NOT NULL,          -- 0 | 1
     PRIMARY KEY (round, site)
 );
+CREATE TABLE IF NOT EXISTS sessions (  -- the training service's sessions (coordinator/sessions.py)
+    session_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,              -- its SessionRequest, JSON
+    model TEXT,                        -- ModelInfo JSON once the workers built the model
+    base_seq INTEGER,                  -- the newest clean saved state: replays start there
+    base_path TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order workers run operations in
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    seq INTEGER NOT NULL,              -- 0 creates the session; the client numbers the rest
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    digest TEXT NOT NULL,              -- SHA-256 of the body: a retry must match it
+    status TEXT NOT NULL,              -- queued | running | done | failed | cancelled
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    UNIQUE (session_id, seq)
+);
 """
 
 # Columns added after a table was first released: (table, column, declaration).

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
-PACKAGES = ("worker", "communication", "coordinator")
+PACKAGES = ("worker", "communication", "coordinator", "zerop2p")
 MAX_LINES = 300
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -21,33 +20,29 @@ from communication.grpc_collectives import GrpcCollectives
 from communication.grpc_transport import GrpcTransport
 from communication.torch_collectives import TorchCollectives
 from worker.cluster.ports import free_port, parse_address
-from worker.data.classification import ClassificationData
-from worker.data.packing import PackedText
-from worker.data.tokenizer import load_tokenizer
-from worker.engine.config import ShardConfig
 from worker.engine.progress import NO_OBSERVERS, Observer, Observers
-from worker.engine.recompute import checkpoint_units
-from worker.engine.shard import shard_model
-from worker.engine.zero3 import Zero3Engine
 from worker.islands.wiring import build_outer, island_max, start_outer_transport
 from worker.logs import set_rank
 from worker.membership.client import Generation
 from worker.membership.facade import Membership
 from worker.membership.identity import open_identity
-from worker.models.blocks import find_block_modules
-from worker.models.dtypes import compute_dtype
-from worker.models.loading import build_model, local_weights
-from worker.models.lora import apply_lora
-from worker.models.meta import MetaInit, is_on_meta, materialize_all
 from worker.state.rescue import publish_rescue, write_rescue
+from worker.train.assembly import (  # re-exported: tests and tools build through main
+    build_data,
+    build_model_for,
+    build_trainable_model,
+    shard_for_training,
+)
 from worker.train.config import TrainConfig
 from worker.train.output import write_output
 from worker.train.reporting import ProgressReporter, peer_links
 from worker.train.step_log import StepLog
-from worker.train.traffic import replicate_frozen
 from worker.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+__all__ = ["WorkerConfig", "build_collectives", "build_data", "build_model_for",
+           "build_trainable_model", "run_worker", "shard_for_training", "train_generation"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,63 +99,6 @@ def build_collectives(cfg: WorkerConfig, generation: Generation,
     return TorchCollectives(rank=generation.rank, world_size=generation.world_size,
                             store_addr=peers[0], backend=backend, timeout=cfg.train.timeout,
                             device=torch.device(cfg.train.device))
-
-
-def build_data(train: TrainConfig) -> PackedText | ClassificationData:
-    """Tokenizer and dataset (packed text, or classification examples), the same on every rank."""
-    tokenizer = load_tokenizer(train.model.name if Path(train.model.name).is_dir() else None)
-    if train.model.task == "sequence-classification":
-        return ClassificationData(train.data, tokenizer)
-    return PackedText(train.data, tokenizer)
-
-
-def build_trainable_model(train: TrainConfig, data, *, on_meta: bool = False) -> torch.nn.Module:
-    """The (LoRA-wrapped) model for ``data``'s vocabulary, identical on every rank for one seed.
-
-    A preset is built on the meta device and LoRA applied there; ``on_meta`` leaves it so for
-    ``shard_for_training`` to fill unit by unit, otherwise it is filled here, with the same
-    values (meta.py)."""
-    model = build_model(train.model, vocab_size=data.tokenizer.vocab_size, on_meta=True)
-    if train.lora is not None:
-        model = apply_lora(model, train.lora)
-    if not on_meta and is_on_meta(model):
-        materialize_all(model, **_init_seeds(train))
-    return model
-
-
-def _init_seeds(train: TrainConfig) -> dict:
-    """How meta.py fills ``train``'s model: per-module init seeds, adapters, a directory's files."""
-    lora = train.lora
-    return {"seed": train.model.seed, "lora_init": None if lora is None else lora.init_lora_weights,
-            "lora_seed": 0 if lora is None else lora.seed, "weights": local_weights(train.model)}
-
-
-def shard_for_training(train: TrainConfig, model, collectives: Collectives, generation: int,
-                       observers: Observers = NO_OBSERVERS) -> Zero3Engine:
-    """Shard ``model`` into units (found automatically, or by ``unit_pattern``) as ``train``
-    says: device, compute dtype, deadline, and the traffic options."""
-    blocks = find_block_modules(model, pattern=train.unit_pattern)
-    device = torch.device(train.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    traffic, dtype = train.traffic, compute_dtype(train.mixed_precision)
-    frozen_bytes = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    replicate = replicate_frozen(traffic.frozen, frozen_bytes=frozen_bytes * dtype.itemsize,
-                                 device=device)
-    lossy_grads = traffic.codecs(train.codec)[1] != "raw"
-    config = ShardConfig(generation=generation, timeout=train.timeout, compute_dtype=dtype,
-                         device=device, prefetch=train.prefetch,
-                         prefetch_depth=traffic.prefetch_depth,
-                         reshard_after_forward=traffic.reshard_after_forward,
-                         replicate_frozen=replicate,
-                         error_feedback=traffic.error_feedback and lossy_grads,
-                         persist_threshold=traffic.persist_threshold)
-    fill = MetaInit(model, blocks=blocks, **_init_seeds(train)) if is_on_meta(model) else None
-    engine = shard_model(model, collectives=collectives, config=config, block_names=blocks,
-                         observers=observers, materialize=fill)
-    if train.activation_checkpointing:
-        checkpoint_units(engine)
-    return engine
 
 
 def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTransport | None,
@@ -227,10 +165,27 @@ def train_generation(cfg: WorkerConfig, gen: Generation, transport: GrpcTranspor
             step_log.close()
 
 
-def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
+# What a worker does in one generation (train_generation's signature, less the data): the
+# trainer by default, the service's operation loop for ``zerop2p worker --serve``.
+GenerationRunner = Callable[[WorkerConfig, Generation, "GrpcTransport | None", Membership,
+                             Observers, "GrpcTransport | None"], int]
+
+
+def training_runner(cfg: WorkerConfig) -> GenerationRunner:
+    """train_generation over ``cfg``'s data, built once for every generation."""
+    data = build_data(cfg.train)
+
+    def run(cfg, gen, transport, membership, observers, between) -> int:
+        return train_generation(cfg, gen, transport, membership, data, observers, between)
+    return run
+
+
+def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = (),
+               runner: Callable[[WorkerConfig], GenerationRunner] = training_runner) -> int:
     """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code.
 
-    ``observers`` see every activity of the engine, trainer and checkpoints as it begins."""
+    ``observers`` see every activity of the engine, trainer and checkpoints as it begins;
+    ``runner`` makes what runs in each generation (the trainer, or the service's loop)."""
     bus = Observers(observers)
     identity = open_identity(cfg.coordinator, cfg.worker_id, ca=cfg.ca,
                              ca_fingerprint=cfg.ca_fingerprint, directory=cfg.identity_dir)
@@ -257,14 +212,14 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = ()) -> int:
                             cpu_cores=os.cpu_count() or 1, site=cfg.train.islands.site,
                             outer_port=outer_port, identity=identity)
     try:
-        data = build_data(cfg.train)
+        run_generation = runner(cfg)
         gen = membership.join(cfg.min_workers, timeout=cfg.join_timeout)
         for attempt in range(cfg.max_recoveries + 1):
             set_rank(gen.rank)
             log.info("%s in generation %d as rank %d of %d", cfg.worker_id, gen.generation,
                      gen.rank, gen.world_size)
             try:
-                code = train_generation(cfg, gen, transport, membership, data, bus, outer)
+                code = run_generation(cfg, gen, transport, membership, bus, outer)
                 break
             except (CollectiveError, TimeoutError) as err:
                 if attempt == cfg.max_recoveries:

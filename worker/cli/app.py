@@ -96,6 +96,15 @@ def worker(
                                        "only with this SHA-256 (the coordinator prints it)"),
     identity_dir: str = typer.Option(None, help="where this worker keeps its key, certificate "
                                      "and credential (default: ~/.local/state/zerop2p/...)"),
+    serve: bool = typer.Option(False, "--serve", help="serve the training service's sessions "
+                               "(zerop2p.ServiceClient) instead of training from --data"),
+    serve_dir: str = typer.Option("zerop2p-service", help="with --serve: where sessions keep "
+                                  "their saved states, exports and replay bases (shared by "
+                                  "the group's workers)"),
+    serve_base_every: int = typer.Option(10, help="with --serve: optim steps between replay "
+                                         "bases (a lost worker replays at most this many)"),
+    serve_idle_exit: float = typer.Option(None, help="with --serve: leave after this many "
+                                          "seconds without an operation (default: never)"),
 ) -> None:
     """Join a coordinator and train with the other workers (training options below).
 
@@ -124,7 +133,16 @@ def worker(
     from worker.membership.identity import IdentityError  # lazy: cryptography
 
     try:
-        code = run_worker(cfg, observers=observers)
+        if serve:
+            from worker.serve.loop import ServeConfig  # lazy: torch
+            from worker.serve.run import serve_worker  # lazy: torch
+
+            if serve_base_every < 1:
+                _fail(f"--serve-base-every must be >= 1, got {serve_base_every}")
+            code = serve_worker(cfg, ServeConfig(root=serve_dir, base_every=serve_base_every,
+                                                 idle_exit=serve_idle_exit), observers=observers)
+        else:
+            code = run_worker(cfg, observers=observers)
     except IdentityError as err:
         _fail(str(err))
     raise typer.Exit(code)

@@ -10,6 +10,8 @@ pays one round trip. Every rank then steps identical fp32 masters with identical
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -29,13 +31,22 @@ class ReplicatedParams:
                 p.data = p.data.to(device=device, dtype=compute_dtype)
         self.numel = sum(p.numel() for _, p in self.trainable)
         self._bucket: torch.Tensor | None = None  # this step's local gradients, fp32
+        # set by a measuring backward (per_datum.py): takes each gradient instead of the bucket
+        self.grad_sink: Callable[[torch.Tensor], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.named)
 
     def collect(self) -> None:
-        """After a backward: add each trainable parameter's gradient into the bucket."""
+        """After a backward: add each trainable parameter's gradient into the bucket (or hand
+        it to ``grad_sink`` and keep nothing)."""
         if not self.trainable:
+            return
+        if self.grad_sink is not None:
+            for _, p in self.trainable:
+                if p.grad is not None:
+                    self.grad_sink(p.grad)
+                    p.grad = None
             return
         if self._bucket is None:
             self._bucket = torch.zeros(self.numel, dtype=torch.float32,
@@ -46,6 +57,11 @@ class ReplicatedParams:
                 self._bucket[offset : offset + p.numel()] += p.grad.reshape(-1).float()
                 p.grad = None
             offset += p.numel()
+
+    @property
+    def pending(self) -> bool:
+        """Whether gradients wait in the bucket for the step's all-reduce (clip_grad_norm)."""
+        return self._bucket is not None
 
     def take_bucket(self) -> torch.Tensor:
         """This step's local gradients (zeros if none arrived), leaving the bucket empty."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
@@ -69,6 +70,9 @@ class ShardedUnit:
         self.residual = (torch.zeros(self.trainable_shard * world_size, dtype=torch.float32)
                          if error_feedback and self.trains else None)
         self.local_grad: torch.Tensor | None = None
+        # set by a measuring backward (per_datum.py): takes each local gradient instead of it
+        # being kept, so a datum's gradient norm is read and the gradient dropped at once
+        self.grad_sink: Callable[[torch.Tensor], None] | None = None
         fa, fb = owned_range(self.frozen_shard, rank)
         n_train = self.trainable_shard * world_size
         self.full = torch.empty(n_train + self.gathered_frozen * world_size, dtype=compute_dtype,
@@ -96,6 +100,13 @@ class ShardedUnit:
     def trains(self) -> bool:
         """Whether the unit has trainable elements (a gradient to reduce, a slice to step)."""
         return self.trainable_shard > 0
+
+    @property
+    def owned_real(self) -> int:
+        """Elements of the owned trainable slice that are parameters; the rest (the last
+        ranks' tail) is padding, zero and never to be touched."""
+        return max(0, min(self.trainable_shard,
+                          self.layout.trainable_numel - self.rank * self.trainable_shard))
 
     # --- parameters -------------------------------------------------------------------------
     def local_shard(self) -> torch.Tensor:
@@ -161,8 +172,11 @@ class ShardedUnit:
         self.reduced = False
 
     def keep_local_grad(self, flat: torch.Tensor) -> None:
-        """Accumulate a micro-batch's full gradient here instead of reduce-scattering it."""
-        if self.local_grad is None:
+        """Accumulate a micro-batch's full gradient here instead of reduce-scattering it (or
+        hand it to ``grad_sink`` and keep nothing)."""
+        if self.grad_sink is not None:
+            self.grad_sink(flat)
+        elif self.local_grad is None:
             self.local_grad = flat
         else:
             self.local_grad.add_(flat)

@@ -138,6 +138,15 @@ class Membership:
         return self._call(self._client.last_round(retry_for=retry_for), retry_for,
                           "last outer round")
 
+    def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
+                wait: float = 0.0, retry_for: float = 120.0) -> Any:
+        """One coordinator request (a long-poll of ``wait`` s), retried on transient failures
+        for ``retry_for`` s, so a coordinator restart is ridden out (the service's calls)."""
+        timeout = wait + self._client.request_timeout
+        return self._call(self._client._request(method, path, body=body, params=params,
+                                                timeout=timeout, retry_for=retry_for),
+                          timeout + retry_for, f"{method} {path}")
+
     def update_status(self, **status: Any) -> None:
         """Set fields of the next heartbeats' status; never blocks."""
         if not self._closed:

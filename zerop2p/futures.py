@@ -1,0 +1,108 @@
+"""``APIFuture``: the result of one queued operation, awaited by long-polls with a deadline.
+
+``.result(timeout)`` blocks, ``await future`` does not; both read the same record, so a
+future may be awaited twice, and the parsed result is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from typing import Any, Generic, TypeVar
+
+from zerop2p.http import Http, ServiceError
+
+T = TypeVar("T")
+POLL_S = 30.0  # one long-poll's length (the server holds a request up to 60 s)
+
+
+class APIFuture(Generic[T]):
+    """Operation ``seq`` of ``session_id``; ``parse`` turns its result into the return type."""
+
+    def __init__(self, http: Http, session_id: str, seq: int, kind: str,
+                 parse: Callable[[dict], T]) -> None:
+        self.http, self.session_id, self.seq, self.kind = http, session_id, seq, kind
+        self._parse = parse
+        self._record: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"APIFuture({self.kind} #{self.seq} of {self.session_id})"
+
+    @property
+    def _path(self) -> str:
+        return f"/service/sessions/{self.session_id}/ops/{self.seq}"
+
+    def _finish(self, record: dict) -> T | None:
+        if record["status"] in ("queued", "running"):
+            return None
+        self._record = record
+        return self._value()
+
+    def _value(self) -> T:
+        record = self._record
+        if record["status"] == "cancelled":
+            raise CancelledError(f"{self.kind} #{self.seq} of {self.session_id} was cancelled")
+        if record["status"] == "failed":
+            raise ServiceError(None, f"{self.kind} #{self.seq} of {self.session_id} failed on "
+                                     f"the workers: {record['error']}")
+        return self._parse(record["result"])
+
+    def _remaining(self, deadline: float | None) -> float:
+        if deadline is None:
+            return POLL_S
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{self.kind} #{self.seq} of {self.session_id}: no result "
+                               "before the deadline")
+        return min(left, POLL_S)
+
+    def result(self, timeout: float | None = None) -> T:
+        """The operation's result; raises ServiceError if it failed, CancelledError if it was
+        cancelled, TimeoutError after ``timeout`` s."""
+        if self._record is not None:
+            return self._value()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = self._remaining(deadline)
+            record = self.http.request("GET", self._path, params={"wait": wait},
+                                       timeout=wait + 30)
+            if record["status"] not in ("queued", "running"):
+                return self._finish(record)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        if self._record is not None:
+            return self._value()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = self._remaining(deadline)
+            record = await self.http.arequest("GET", self._path, params={"wait": wait},
+                                              timeout=wait + 30)
+            if record["status"] not in ("queued", "running"):
+                return self._finish(record)
+
+    def __await__(self):
+        return self.result_async().__await__()
+
+    def done(self) -> bool:
+        """Whether the operation has finished (one short request unless known)."""
+        if self._record is None:
+            record = self.http.request("GET", self._path)
+            if record["status"] not in ("queued", "running"):
+                self._record = record
+        return self._record is not None
+
+    def cancel(self) -> bool:
+        """Cancel the operation if no worker has taken it yet; False otherwise."""
+        try:
+            self._record = self.http.request("DELETE", self._path)
+        except ServiceError as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
+
+async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking client call off the event loop (the ``_async`` twins of submissions)."""
+    return await asyncio.to_thread(call, *args, **kwargs)
