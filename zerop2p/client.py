@@ -209,6 +209,9 @@ class ServiceClient:
                                  params={"session_id": session_id} if session_id else None)
         return [StateInfo.model_validate(r) for r in rows]
 
+    async def list_states_async(self, session_id: str | None = None) -> list[StateInfo]:
+        return await in_thread(self.list_states, session_id)
+
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
         return await in_thread(self.create_lora_training_client, *args, **kwargs)
 
