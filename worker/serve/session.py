@@ -73,6 +73,12 @@ class ServedSession:
     window: list[Rows] = field(default_factory=list)  # this rank's rows since the last step
     ledger: PrivacyLedger | None = None  # privacy accounting, from the first DP step
 
+    def begin(self, op_id: int) -> None:
+        """Name this operation's collectives after its id: sessions share the generation's
+        collectives, and two engines (or two saves at one step) must never reuse a Key. The
+        id is the same on every rank and runs once per generation."""
+        self.engine.generation = op_id
+
     @property
     def progress(self) -> TrainState:
         return self.states.progress
