@@ -42,7 +42,8 @@ from worker.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 __all__ = ["WorkerConfig", "build_collectives", "build_data", "build_model_for",
-           "build_trainable_model", "run_worker", "shard_for_training", "train_generation"]
+           "build_trainable_model", "recovering_phase", "run_worker", "shard_for_training",
+           "train_generation"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,6 +181,14 @@ def training_runner(cfg: WorkerConfig) -> GenerationRunner:
     return run
 
 
+def recovering_phase(generation: int) -> str:
+    """The heartbeat phase of a worker that gave up ``generation`` and waits for a newer one.
+    Peers idle in the service's loop read it (worker/serve/channel.py): they would otherwise
+    never ask for a newer generation, and the coordinator ends one only when every live
+    member has."""
+    return f"recovering from generation {generation}"
+
+
 def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = (),
                runner: Callable[[WorkerConfig], GenerationRunner] = training_runner) -> int:
     """Join, train, report, leave; after a lost peer, rejoin and resume. Returns the exit code.
@@ -225,7 +234,7 @@ def run_worker(cfg: WorkerConfig, *, observers: Sequence[Observer] = (),
                 if attempt == cfg.max_recoveries:
                     raise
                 log.error("generation %d lost a peer: %s; rejoining", gen.generation, err)
-                membership.update_status(phase="recovering")
+                membership.update_status(phase=recovering_phase(gen.generation))
                 gen = membership.rejoin(1, timeout=cfg.join_timeout)
         membership.update_status(phase="done")
         membership.leave()

@@ -86,7 +86,9 @@ def worker(
     min_workers: int = typer.Option(2, help="workers the barrier waits for (in this site)"),
     join_timeout: float = typer.Option(300.0, help="seconds to wait at the barrier"),
     output: str = typer.Option(None, help="rank 0 writes final weights and result.json here"),
-    max_recoveries: int = typer.Option(3, help="times to rejoin and resume after a lost peer"),
+    max_recoveries: int = typer.Option(None, help="times to rejoin and resume after a lost "
+                                       "peer (default: 3; with --serve, 1000: every re-form "
+                                       "counts, growing back included)"),
     heartbeat_interval: float = typer.Option(2.0, help="seconds between heartbeats"),
     log_level: str = typer.Option("info", help="debug, info, warning"),
     ca: str = typer.Option(None, envvar="ZEROP2P_CA", help="an https:// coordinator's CA "
@@ -114,6 +116,8 @@ def worker(
 
     setup_logging(log_level)
     token = _token(ctx, token, token_file)
+    if max_recoveries is None:
+        max_recoveries = 1000 if serve else 3
     try:
         train = resolve_epochs(build_train_config(list(ctx.args)))
     except (ValueError, TypeError, OSError) as err:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 
 from communication.collectives import CollectiveError
+from worker.main import recovering_phase
+from worker.membership.client import CoordinatorError
 from worker.membership.facade import Membership
 from zerop2p.requests import NextOperation, OperationRecord, ResumePoint
 
@@ -23,14 +25,35 @@ class ServiceChannel:
         self.generation = generation
 
     def check_generation(self) -> None:
-        """Raise CollectiveError when this worker's generation has ended (a peer died or was
-        replaced while the group was idle), so the worker rejoins at once."""
-        answer = self.membership.request("GET", "/training/generation",
-                                         params={"site": self.membership.site},
+        """Raise CollectiveError when this worker's generation should end, so it rejoins at
+        once: the generation ended (a peer died, left or re-registered), a member gave it up
+        (a collective failed there while this rank was idle: the coordinator ends it only once
+        every live member asks, see ``recovering_phase``), or an alive worker of the site waits
+        outside it (a restarted one: re-forming takes it in)."""
+        site = self.membership.site
+        answer = self.membership.request("GET", "/training/generation", params={"site": site},
                                          retry_for=RETRY_S)
         if answer.get("generation") != self.generation:
             raise CollectiveError(f"{self.membership.worker_id}: generation {self.generation} "
                                   f"ended (the active one is {answer.get('generation')})")
+        members = {w["worker_id"] for w in answer.get("workers", [])}
+        gave_up = recovering_phase(self.generation)
+        try:
+            workers = self.membership.request("GET", "/workers", retry_for=RETRY_S)
+        except CoordinatorError as err:  # TLS mode: the worker list is the admin's to read
+            if err.status != 403:
+                raise
+            return
+        for worker in workers:
+            if (worker.get("status") != "alive" or worker.get("site") != site
+                    or worker["worker_id"] == self.membership.worker_id):
+                continue
+            if worker["worker_id"] not in members:
+                raise CollectiveError(f"{worker['worker_id']} waits outside generation "
+                                      f"{self.generation}; re-forming to take it in")
+            if worker.get("phase") == gave_up:
+                raise CollectiveError(f"{worker['worker_id']} gave up generation "
+                                      f"{self.generation}; rejoining with it")
 
     def resume(self) -> int:
         answer = self.membership.request("GET", "/service/resume", retry_for=RETRY_S)

@@ -9,7 +9,9 @@ change the weights or the gradients (create, forward_backward, optim_step, load_
 always run, finished ones without posting again; pure ones (saves, sampling) that finished are
 skipped. So a lost worker costs the operations since the base, never a second application, and
 the client sees the one result the first poster left. Bases are saved every ``base_every``
-optim steps and by every save_state taken with no gradient pending.
+optim steps and by every save_state taken with no gradient pending, and only registered after
+that operation's result is posted: a base covering an operation without a result would leave
+it unanswered for good (a re-formed group skips what the base covers).
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from zerop2p.requests import BODIES, OperationRecord, SessionRecord
 
 log = logging.getLogger(__name__)
 
+CHECK_EVERY_S = 10.0  # between generation checks while operations keep coming
 CHANGES_STATE = frozenset({"create", "forward_backward", "optim_step", "load_state"})
+OP_KEYS = 10**12  # operation ids per generation in a collective's key: g<generation><12 digits>
+
+
+def op_key(generation: int, op_id: int) -> int:
+    """The number operation ``op_id``'s collectives are keyed by in ``generation``. Unique
+    across generations too: a transport remembers finished keys across generations and drops
+    a push for one as a late retry, so a replay re-running the same operation ids under the
+    same keys would never hear its peers (every rank waits out the collective timeout)."""
+    return generation * OP_KEYS + op_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,10 +71,15 @@ class OperationLoop:
         after = self.channel.resume()
         idle_since = time.monotonic()
         log.info("rank %d serving from operation %d", self.rank, after)
+        checked = time.monotonic()
         while True:
+            if time.monotonic() - checked > CHECK_EVERY_S:  # under load too: take a restarted
+                self.channel.check_generation()               # worker in, follow a peer's give-up
+                checked = time.monotonic()
             nxt = self.channel.next(after)
             if nxt.operation is None:
                 self.channel.check_generation()  # a peer lost while idle: re-form now
+                checked = time.monotonic()
                 if (self.config.idle_exit is not None
                         and time.monotonic() - idle_since > self.config.idle_exit):
                     log.info("rank %d: no operation for %.0fs; leaving", self.rank,
@@ -93,9 +110,14 @@ class OperationLoop:
             if served is not None:
                 served.applied = op.seq
             return
+        if finished:
+            log.info("rank %d: replaying %s #%d of %s (finished: not posted again)", self.rank,
+                     op.kind, op.seq, op.session_id)
         result, error = self._run(op, record, served)
         if self.rank == 0 and not finished:
             self.channel.finish(op, result=result, error=error)
+        if error is None:  # only once its result is posted (see the note)
+            self._base_after(op, self.sessions[op.session_id], result)
 
     def _build(self, record: SessionRecord) -> ServedSession:
         """A session this generation has not built, from its replay base."""
@@ -120,6 +142,7 @@ class OperationLoop:
                 served.applied = op.seq
                 return {"model": served.info.model_dump()}, None
             body = BODIES[op.kind].model_validate(op.body)
+            served.begin(op_key(self.generation, op.id))
             result = self._dispatch(op, body, served)
             served.applied = op.seq
             return result, None
@@ -137,15 +160,9 @@ class OperationLoop:
         if op.kind == "forward_backward":
             return ops.forward_backward(served, body)
         if op.kind == "optim_step":
-            result = ops.optim_step(served, body)
-            if served.progress.step % self.config.base_every == 0:
-                self._base(served, ops.save_base(served, root), op.seq)
-            return result
+            return ops.optim_step(served, body)
         if op.kind == "save_state":
-            result = ops.save_state(served, body, root, op.seq)
-            if not served.dirty and self.rank == 0:
-                self._base(served, Path(result["path"]), op.seq)
-            return result
+            return ops.save_state(served, body, root, op.seq)
         if op.kind == "save_weights_for_sampler":
             return ops.save_for_sampler(served, body, root)
         if op.kind == "load_state":
@@ -154,6 +171,19 @@ class OperationLoop:
             return ops.sample(served, body, op.seq)
         return ops.compute_logprobs(served, body)
 
-    def _base(self, served: ServedSession, path: Path, seq: int) -> None:
+    def _base_after(self, op: OperationRecord, served: ServedSession, result: dict) -> None:
+        """A replay base after ``op``, if it makes one: every ``base_every`` optim steps (a
+        save on every rank), or the state a save_state with no gradient pending just wrote. A
+        base that cannot be saved is logged: replays then start from the previous one."""
+        try:
+            if op.kind == "optim_step" and served.progress.step % self.config.base_every == 0:
+                self._base(served, ops.save_base(served, self.root(op.session_id)), op.seq)
+            elif op.kind == "save_state" and not served.dirty:
+                self._base(served, Path(result["path"]) if self.rank == 0 else None, op.seq)
+        except (CheckpointError, OSError) as err:
+            log.error("rank %d: no replay base after %s #%d of %s: %s", self.rank, op.kind,
+                      op.seq, op.session_id, err)
+
+    def _base(self, served: ServedSession, path: Path | None, seq: int) -> None:
         if self.rank == 0:
             self.channel.set_base(served.session_id, seq=seq, path=str(path.resolve()))
