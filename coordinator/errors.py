@@ -80,4 +80,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Refusal)
     async def _refused(_: Request, exc: Refusal) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        body = {"detail": exc.message}
+        if exc.status == 422:  # a rule on the body's values: answered like pydantic's 422
+            body["errors"] = [{"loc": ["body"], "msg": exc.message, "type": "value_error"}]
+        return JSONResponse(body, status_code=exc.status)

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS sessions (  -- the training service's sessions (coord
     model TEXT,                        -- ModelInfo JSON once the workers built the model
     base_seq INTEGER,                  -- the newest clean saved state: replays start there
     base_path TEXT,
+    noise_salt TEXT,                   -- seeds DP noise (with the seq): replays draw the same
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS operations (

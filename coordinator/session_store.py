@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from typing import Any
 
@@ -51,6 +52,11 @@ class SessionStore:
                              model=json.loads(model) if model else None, last_seq=last or 0,
                              base_seq=base_seq, base_path=base_path, created_at=created)
 
+    def noise_salt(self, session_id: str) -> str | None:
+        """The session's DP noise salt: for its serving workers only, never its clients."""
+        rows = self._all("SELECT noise_salt FROM sessions WHERE session_id = ?", (session_id,))
+        return rows[0][0] if rows else None
+
     def sessions(self) -> list[str]:
         return [r[0] for r in self._all("SELECT session_id FROM sessions ORDER BY created_at")]
 
@@ -60,8 +66,9 @@ class SessionStore:
         body = request.model_dump()
         now = time.time()
         counts = self.store._tx([
-            ("INSERT OR IGNORE INTO sessions (session_id, config, created_at) VALUES (?, ?, ?)",
-             (request.session_id, request.model_dump_json(), now)),
+            ("INSERT OR IGNORE INTO sessions (session_id, config, noise_salt, created_at) "
+             "VALUES (?, ?, ?, ?)",
+             (request.session_id, request.model_dump_json(), secrets.token_hex(16), now)),
             ("INSERT OR IGNORE INTO operations (session_id, seq, kind, body, digest, status, "
              "created_at) VALUES (?, 0, 'create', ?, ?, 'queued', ?)",
              (request.session_id, json.dumps(body), digest(body), now)),

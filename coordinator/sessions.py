@@ -36,7 +36,7 @@ from zerop2p.requests import (
 
 log = logging.getLogger(__name__)
 
-NEEDS_MODEL = ("forward_backward", "sample", "compute_logprobs")
+NEEDS_MODEL = ("forward_backward", "forward", "sample", "compute_logprobs")
 
 
 def _check_tokens(where: str, tokens: list[int], model: ModelInfo) -> None:
@@ -55,7 +55,7 @@ def check_body(kind: str, body: dict, model: ModelInfo | None) -> dict:
     if kind in NEEDS_MODEL and model is None:
         raise Refusal(409, f"{kind}: the session's model is not built yet (wait for its "
                            "creation to finish)")
-    if kind == "forward_backward":
+    if kind in ("forward_backward", "forward"):
         for i, d in enumerate(parsed.data):
             if d.model_input.length > model.max_positions:
                 raise Refusal(422, f"data[{i}].model_input: {d.model_input.length} tokens exceed "
@@ -63,6 +63,8 @@ def check_body(kind: str, body: dict, model: ModelInfo | None) -> dict:
             _check_tokens(f"data[{i}].model_input", d.model_input.to_ints(), model)
             _check_tokens(f"data[{i}].loss_fn_inputs.target_tokens", d.targets(), model)
     elif kind in ("sample", "compute_logprobs"):
+        if parsed.prompt.length == 0:
+            raise Refusal(422, "prompt: it has no tokens")
         _check_tokens("prompt", parsed.prompt.to_ints(), model)
         extra = parsed.sampling_params.max_tokens if kind == "sample" else 0
         if parsed.prompt.length + extra > model.max_positions:
@@ -106,6 +108,9 @@ class Sessions:
         return record
 
     def create(self, request: SessionRequest) -> SessionRecord:
+        problem = request.source_problem()
+        if problem:
+            raise Refusal(409, f"session {request.session_id!r}: {problem}")
         if not self.rows.create(request):
             known = self.session(request.session_id)
             if known.config != request:
@@ -160,14 +165,15 @@ class Sessions:
         op = await self._until(lambda: self.rows.take_next(after), wait)
         if op is None:
             return NextOperation(operation=None)
-        return NextOperation(operation=op, session=self.session(op.session_id))
+        return NextOperation(operation=op, session=self.session(op.session_id),
+                             noise_salt=self.rows.noise_salt(op.session_id))
 
     def finish(self, op_id: int, request: ResultRequest) -> OperationRecord:
         record = self.rows.operation_by_id(op_id)
         if record is None:
             raise Refusal(404, f"no operation with id {op_id}")
         if (request.result is None) == (request.error is None):
-            raise Refusal(422, "result: give exactly one of result and error")
+            raise Refusal(409, "result: give exactly one of result and error")
         if self.rows.finish(op_id, result=request.result, error=request.error):
             log.info("operation %d (%s #%d, %s) %s by %s", op_id, record.session_id, record.seq,
                      record.kind, "failed" if request.error else "done", request.worker_id)

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SEED = int(os.environ.get("ZEROP2P_FUZZ_SEED", "20260601"))
 EXAMPLES = int(os.environ.get("ZEROP2P_FUZZ_EXAMPLES", "60"))
 MIN_REQUESTS = 1000
-TABLES = ("workers", "generations", "members", "telemetry")
+TABLES = ("workers", "generations", "members", "telemetry", "sessions", "operations")
 
 
 @pytest.fixture
@@ -53,7 +54,8 @@ def rows(db) -> dict[str, list[tuple]]:
 def test_schemathesis_finds_no_failure(coordinator, tmp_path):
     url, _ = coordinator
     report_json, har = tmp_path / "report.json", tmp_path / "requests.har"
-    argv = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
+    argv = [sys.executable, "-m", "schemathesis.cli", "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")), "run", f"{url}/openapi.json",
             "--header", f"Authorization: Bearer {TOKEN}", "--seed", str(SEED),
             "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "10",
             "--report", "json,har", "--report-json-path", str(report_json),
@@ -62,7 +64,7 @@ def test_schemathesis_finds_no_failure(coordinator, tmp_path):
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
     report = json.loads(report_json.read_text())
     assert report["failures"] == [] and report["errors"] == [], report["failures"]
-    assert report["operations"]["tested"] == report["operations"]["total"] == 14
+    assert report["operations"]["tested"] == report["operations"]["total"] == 24
     phases = {name: p["status"] for name, p in report["phases"].items()}
     assert {phases[p] for p in ("coverage", "fuzzing", "stateful")} == {"success"}, phases
     entries = json.loads(har.read_text())["log"]["entries"]

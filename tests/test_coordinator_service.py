@@ -6,6 +6,7 @@ result that wins, persistence across a restart on the same file, and the resume 
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -74,7 +75,7 @@ def test_bad_bodies_get_422_naming_the_datum_and_index(tmp_path, datum_args, mes
         good = datum([1, 2, 3])
         body = {"data": [good, datum(*datum_args)]} if "data[0]" not in message else \
             {"data": [datum(*datum_args)]}
-        raw = __import__("json").dumps({"seq": 1, "kind": "forward_backward", "body": body})
+        raw = json.dumps({"seq": 1, "kind": "forward_backward", "body": body})
         answer = http.post("/service/sessions/s1/ops", content=raw,
                            headers={"content-type": "application/json"})
         assert answer.status_code == 422, answer.text
@@ -163,3 +164,30 @@ def test_the_client_numbers_calls_and_reports_a_refusal_by_name(tmp_path):
             futures[0].result(timeout=0.5)
         assert futures[1].cancel() and training.optim_step(types.AdamParams()).seq == 4
         service.close()
+
+
+@pytest.mark.parametrize("kind, body, message", [
+    ("optim_step", {"adam_params": {"learning_rate": math.inf}}, "adam_params.learning_rate"),
+    ("sample", {"prompt": {"chunks": [{"tokens": [1]}]},
+                "sampling_params": {"top_p": 0.9}}, "only untruncated sampling"),
+    ("sample", {"prompt": {"chunks": [{"tokens": [1]}]}, "num_samples": 256,
+                "sampling_params": {"max_tokens": 4096}}, "exceeds 262144"),
+    ("compute_logprobs", {"prompt": {"chunks": [{"tokens": []}]}}, "prompt: it has no tokens"),
+    ("forward", {"data": [datum([1, 2], None, [1.5, 2])]}, "target_tokens[0] is 1.5"),
+])
+def test_more_bad_bodies_are_refused_by_name(tmp_path, kind, body, message):
+    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN)) as (url, _), client(url) as http:
+        create(http)
+        raw = json.dumps({"seq": 1, "kind": kind, "body": body}).replace("Infinity", "1e999")
+        answer = http.post("/service/sessions/s1/ops", content=raw,
+                           headers={"content-type": "application/json"})
+        assert answer.status_code == 422, answer.text
+        assert message in answer.json()["detail"]
+
+
+def test_the_noise_salt_reaches_workers_only(tmp_path):
+    with serve(Settings(db=str(tmp_path / "c.db"), token=TOKEN)) as (url, _), client(url) as http:
+        http.post("/service/sessions", json={"session_id": "s1", "base_model": "tiny-gpt2"})
+        taken = http.get("/service/next", params={"after": 0}).json()
+        assert len(taken["noise_salt"]) == 32
+        assert "noise_salt" not in json.dumps(http.get("/service/sessions/s1").json())

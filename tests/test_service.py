@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 
@@ -212,3 +213,24 @@ def test_service_example_script_matches_the_cli_trainer():
     for mode in ("lora", "full"):
         row = answer["modes"][mode]
         assert row["max_param_diff_vs_cli"] < 1e-5 < 1e-3 < row["untrained_diff_vs_cli"]
+
+
+def test_a_failed_state_change_reforms_and_a_diverged_loss_still_arrives(service):
+    from zerop2p import OperationFailedError
+
+    training = service.create_lora_training_client("tiny-gpt2", rank=4, seed=21)
+    reference = service.create_lora_training_client("tiny-gpt2", rank=4, seed=21)
+    awaited_loop(training, steps=1)
+    awaited_loop(reference, steps=1)
+    with pytest.raises(OperationFailedError, match="no-such-state"):
+        training.load_state("/no-such-state/step_1").result(120)
+    evaluated = training.forward(batch(4)).result(120)  # after the re-form and replay
+    assert evaluated.loss == pytest.approx(reference.forward(batch(4)).result(120).loss, rel=1e-6)
+    awaited_loop(training, steps=1)
+    awaited_loop(reference, steps=1)
+    assert max_diff(weights_of(training, "after-failure"), weights_of(reference, "ref")) < TOL
+    # a step of 1e30 overflows the logits: the loss is NaN, and it still reaches the client
+    training.forward_backward(batch(5)).result(120)
+    training.optim_step(types.AdamParams(learning_rate=1e30)).result(120)
+    diverged = training.forward(batch(6)).result(120)
+    assert not math.isfinite(diverged.loss)

@@ -133,19 +133,19 @@ def test_coordinator_sigkill_and_restart_mid_session(cluster, reference):
     first = generation(cluster)
     training = new_session(cluster)
 
-    # 1. Killed with four operations just submitted: the workers are inside them (their
+    # 1. Killed with six operations just submitted: the workers are inside them (their
     # results' POSTs fail) and the client's long-poll for them is in flight.
-    futures = submit(training, range(2))
+    futures = submit(training, range(3))
     results: list = []
     waiter = threading.Thread(target=lambda: results.extend(f.result(RESULT_S) for f in futures))
     waiter.start()
     time.sleep(0.1)
     with coordinator(cluster) as http:
-        last = http.get(f"/service/sessions/{training.session_id}/ops/4").json()["status"]
+        last = http.get(f"/service/sessions/{training.session_id}/ops/6").json()["status"]
     assert last in ("queued", "running"), "too late: the waiter got every result already"
     cluster.restart_coordinator()
     waiter.join(RESULT_S)
-    assert len(results) == 4, cluster.logs()
+    assert len(results) == 6, cluster.logs()
 
     # 2. Killed while the workers are idle inside GET /service/next; the client submits the
     # next steps while it is down (its POSTs retry with backoff).
@@ -153,7 +153,7 @@ def test_coordinator_sigkill_and_restart_mid_session(cluster, reference):
     port = cluster.coordinator.port
     cluster.coordinator.kill()
     later: list = []
-    poster = threading.Thread(target=lambda: later.extend(submit(training, range(2, 4))))
+    poster = threading.Thread(target=lambda: later.extend(submit(training, range(3, 5))))
     poster.start()
     time.sleep(1.0)
     assert poster.is_alive()  # its first POST is still being retried
@@ -164,7 +164,7 @@ def test_coordinator_sigkill_and_restart_mid_session(cluster, reference):
     results += [f.result(RESULT_S) for f in later]
 
     # 3. The rest without faults.
-    results += [f.result(RESULT_S) for f in submit(training, range(4, STEPS))]
+    results += [f.result(RESULT_S) for f in submit(training, range(5, STEPS))]
     got = outcome(training, results)
     diff, losses = same_as_reference(got, reference)
     assert diff == losses == 0.0, f"the same world size and order should be bit-equal: " \

@@ -9,7 +9,7 @@ It imports nothing from the worker (no torch needed on the client's machine)."""
 from zerop2p import types
 from zerop2p.client import SamplingClient, ServiceClient, TrainingClient
 from zerop2p.futures import APIFuture
-from zerop2p.http import ServiceError
+from zerop2p.http import OperationFailedError, ServiceError
 from zerop2p.types import (
     AdamParams,
     Datum,
@@ -24,6 +24,6 @@ from zerop2p.types import (
 )
 
 __all__ = ["APIFuture", "AdamParams", "DPParams", "Datum", "ForwardBackwardOutput",
-           "ModelInput", "OptimStepResponse", "SampleResponse", "SampledSequence",
+           "ModelInput", "OperationFailedError", "OptimStepResponse", "SampleResponse", "SampledSequence",
            "SamplingClient", "SamplingParams", "ServiceClient", "ServiceError", "TensorData",
            "TrainingClient", "types"]

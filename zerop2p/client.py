@@ -8,13 +8,14 @@ seq and body and never runs twice. Every method returns an ``APIFuture``; each h
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import uuid
 from typing import Any
 
 from zerop2p.futures import APIFuture, in_thread
-from zerop2p.http import Http
+from zerop2p.http import Http, ServiceError
 from zerop2p.requests import ModelInfo, SessionRequest
 from zerop2p.types import (
     AdamParams,
@@ -33,20 +34,41 @@ CREATE_TIMEOUT_S = 600.0  # building (or loading) the model on the workers
 
 
 class _Session:
-    """One session's numbering: the next seq, taken and posted under a lock."""
+    """One session's numbering: the next seq, taken and posted under a lock. A POST whose
+    fate is unknown (the service stayed unreachable) is posted again, same seq and body, before
+    the next call: it may have been stored, and then it runs (its call raised, its result
+    is still in the session's log)."""
 
     def __init__(self, http: Http, session_id: str, last_seq: int = 0) -> None:
         self.http, self.session_id = http, session_id
         self._last = last_seq
+        self._unsure: dict | None = None
         self._lock = threading.Lock()
+        self._ordered: dict[int, asyncio.Lock] = {}  # per event loop: the async twins' order
+
+    def _post(self, request: dict) -> None:
+        try:
+            self.http.request("POST", f"/service/sessions/{self.session_id}/ops", json=request)
+        except ServiceError as err:
+            self._unsure = request if err.status is None else None
+            raise
+        self._unsure = None
+        self._last = request["seq"]
 
     def submit(self, kind: str, body: dict[str, Any], parse) -> APIFuture:
         with self._lock:
+            if self._unsure is not None:
+                self._post(self._unsure)
             seq = self._last + 1
-            self.http.request("POST", f"/service/sessions/{self.session_id}/ops",
-                              json={"seq": seq, "kind": kind, "body": body})
-            self._last = seq
+            self._post({"seq": seq, "kind": kind, "body": body})
         return APIFuture(self.http, self.session_id, seq, kind, parse)
+
+    async def submit_async(self, call, *args: Any) -> APIFuture:
+        """An ``_async`` twin: submissions of one event loop go out in call order (the lock
+        is FIFO and taken before the first suspension), off the loop's thread."""
+        lock = self._ordered.setdefault(id(asyncio.get_running_loop()), asyncio.Lock())
+        async with lock:
+            return await in_thread(call, *args)
 
 
 def _create(http: Http, request: SessionRequest, timeout: float) -> tuple[_Session, ModelInfo]:
@@ -77,11 +99,18 @@ class SamplingClient:
         return self._session.submit("compute_logprobs", {"prompt": prompt.model_dump()},
                                     lambda r: r["logprobs"])
 
-    async def sample_async(self, *args, **kwargs) -> APIFuture[SampleResponse]:
-        return await in_thread(self.sample, *args, **kwargs)
+    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
+                           sampling_params: SamplingParams | None = None
+                           ) -> APIFuture[SampleResponse]:
+        return await self._session.submit_async(self.sample, prompt, num_samples,
+                                                sampling_params)
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return await in_thread(self.compute_logprobs, prompt)
+        return await self._session.submit_async(self.compute_logprobs, prompt)
+
+    def get_info(self) -> ModelInfo:
+        """The model the workers built: vocabulary, positions, parameter counts, LoRA."""
+        return self.model
 
 
 class TrainingClient(SamplingClient):
@@ -125,28 +154,44 @@ class TrainingClient(SamplingClient):
         path = self.save_state(name).result().path
         return self.service.create_sampling_client(model_path=path)
 
+    def forward(self, data: list[Datum], loss_fn: str = "cross_entropy"
+                ) -> APIFuture[ForwardBackwardOutput]:
+        """Loss and logprobs only: no gradient (an evaluation)."""
+        body = {"data": [d.model_dump() for d in data], "loss_fn": loss_fn}
+        return self._session.submit("forward", body, ForwardBackwardOutput.model_validate)
+
+    async def forward_async(self, data: list[Datum], loss_fn: str = "cross_entropy"
+                            ) -> APIFuture[ForwardBackwardOutput]:
+        return await self._session.submit_async(self.forward, data, loss_fn)
+
     def list_states(self) -> list[StateInfo]:
         return self.service.list_states(self.session_id)
 
+    async def list_states_async(self) -> list[StateInfo]:
+        return await in_thread(self.list_states)
+
+    async def save_weights_and_get_sampling_client_async(self, name: str) -> SamplingClient:
+        return await in_thread(self.save_weights_and_get_sampling_client, name)
+
     async def forward_backward_async(self, data: list[Datum], loss_fn: str = "cross_entropy"
                                      ) -> APIFuture[ForwardBackwardOutput]:
-        return await in_thread(self.forward_backward, data, loss_fn)
+        return await self._session.submit_async(self.forward_backward, data, loss_fn)
 
     async def optim_step_async(self, adam_params: AdamParams, dp: DPParams | None = None
                                ) -> APIFuture[OptimStepResponse]:
-        return await in_thread(self.optim_step, adam_params, dp)
+        return await self._session.submit_async(self.optim_step, adam_params, dp)
 
     async def save_state_async(self, name: str) -> APIFuture[SaveWeightsResponse]:
-        return await in_thread(self.save_state, name)
+        return await self._session.submit_async(self.save_state, name)
 
     async def load_state_async(self, path: str) -> APIFuture[dict]:
-        return await in_thread(self.load_state, path)
+        return await self._session.submit_async(self.load_state, path)
 
     async def load_state_with_optimizer_async(self, path: str) -> APIFuture[dict]:
-        return await in_thread(self.load_state_with_optimizer, path)
+        return await self._session.submit_async(self.load_state_with_optimizer, path)
 
     async def save_weights_for_sampler_async(self, name: str) -> APIFuture[SaveWeightsResponse]:
-        return await in_thread(self.save_weights_for_sampler, name)
+        return await self._session.submit_async(self.save_weights_for_sampler, name)
 
 
 class ServiceClient:
@@ -167,6 +212,8 @@ class ServiceClient:
 
     def _session(self, *, session_id: str | None, timeout: float, **config: Any):
         request = SessionRequest(session_id=session_id or f"s-{uuid.uuid4().hex[:12]}", **config)
+        if request.source_problem():
+            raise ValueError(request.source_problem())
         return _create(self.http, request, timeout)
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, *,

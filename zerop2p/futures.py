@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any, Generic, TypeVar
 
-from zerop2p.http import Http, ServiceError
+from zerop2p.http import Http, OperationFailedError, ServiceError
 
 T = TypeVar("T")
 POLL_S = 30.0  # one long-poll's length (the server holds a request up to 60 s)
@@ -44,29 +44,36 @@ class APIFuture(Generic[T]):
         if record["status"] == "cancelled":
             raise CancelledError(f"{self.kind} #{self.seq} of {self.session_id} was cancelled")
         if record["status"] == "failed":
-            raise ServiceError(None, f"{self.kind} #{self.seq} of {self.session_id} failed on "
-                                     f"the workers: {record['error']}")
+            raise OperationFailedError(f"{self.kind} #{self.seq} of {self.session_id}: "
+                                       f"{record['error']}")
         return self._parse(record["result"])
 
-    def _remaining(self, deadline: float | None) -> float:
+    def _remaining(self, deadline: float | None, first: bool) -> float:
+        """The next long-poll's length; the first poll always runs (``result(0)`` looks)."""
         if deadline is None:
             return POLL_S
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 and not first:
             raise TimeoutError(f"{self.kind} #{self.seq} of {self.session_id}: no result "
                                "before the deadline")
-        return min(left, POLL_S)
+        return min(max(left, 0.0), POLL_S)
+
+    def _retry_for(self, deadline: float | None) -> float | None:
+        """Connection retries end with the caller's deadline (None: the client's own)."""
+        return None if deadline is None else max(deadline - time.monotonic(), 1.0)
 
     def result(self, timeout: float | None = None) -> T:
-        """The operation's result; raises ServiceError if it failed, CancelledError if it was
+        """The operation's result; raises OperationFailedError if it failed, CancelledError if it was
         cancelled, TimeoutError after ``timeout`` s."""
         if self._record is not None:
             return self._value()
         deadline = None if timeout is None else time.monotonic() + timeout
+        first = True
         while True:
-            wait = self._remaining(deadline)
+            wait = self._remaining(deadline, first)
             record = self.http.request("GET", self._path, params={"wait": wait},
-                                       timeout=wait + 30)
+                                       timeout=wait + 30, retry_for=self._retry_for(deadline))
+            first = False
             if record["status"] not in ("queued", "running"):
                 return self._finish(record)
 
@@ -74,10 +81,13 @@ class APIFuture(Generic[T]):
         if self._record is not None:
             return self._value()
         deadline = None if timeout is None else time.monotonic() + timeout
+        first = True
         while True:
-            wait = self._remaining(deadline)
+            wait = self._remaining(deadline, first)
             record = await self.http.arequest("GET", self._path, params={"wait": wait},
-                                              timeout=wait + 30)
+                                              timeout=wait + 30,
+                                              retry_for=self._retry_for(deadline))
+            first = False
             if record["status"] not in ("queued", "running"):
                 return self._finish(record)
 
@@ -97,9 +107,12 @@ class APIFuture(Generic[T]):
         try:
             self._record = self.http.request("DELETE", self._path)
         except ServiceError as err:
-            if err.status == 409:
-                return False
-            raise
+            if err.status != 409:
+                raise
+            record = self.http.request("GET", self._path)  # a retried DELETE may have won
+            if record["status"] not in ("queued", "running"):
+                self._record = record
+            return record["status"] == "cancelled"
         return True
 
 

@@ -28,6 +28,15 @@ class ServiceError(RuntimeError):
         self.message = message
 
 
+class OperationFailedError(ServiceError):
+    """An operation ran on the workers and failed there (the message is theirs)."""
+
+    def __init__(self, message: str) -> None:
+        RuntimeError.__init__(self, f"zerop2p operation failed: {message}")
+        self.status = None
+        self.message = message
+
+
 def _answer(response: httpx.Response, method: str, path: str) -> Any:
     if response.status_code >= 400:
         try:
@@ -57,17 +66,18 @@ class Http:
         return min(self.max_backoff, 0.1 * 2 ** attempt) * (0.5 + random.random() / 2)
 
     def _retryable(self, method: str, path: str, error: Exception | int, start: float,
-                   attempt: int) -> float:
+                   attempt: int, retry_for: float | None) -> float:
         """Seconds to sleep before the next try; raises when the retries are spent."""
-        if time.monotonic() - start > self.retry_for:
+        retry_for = self.retry_for if retry_for is None else retry_for
+        if time.monotonic() - start > retry_for:
             raise ServiceError(None, f"{method} {path}: no answer from {self.base_url} for "
-                                     f"{self.retry_for:.0f}s (last: {error})")
+                                     f"{retry_for:.0f}s (last: {error})")
         delay = self._backoff(attempt)
         log.debug("%s %s: %s; retrying in %.2fs", method, path, error, delay)
         return delay
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                timeout: float = REQUEST_TIMEOUT_S) -> Any:
+                timeout: float = REQUEST_TIMEOUT_S, retry_for: float | None = None) -> Any:
         start, attempt = time.monotonic(), 0
         while True:
             try:
@@ -78,11 +88,12 @@ class Http:
                 error: Exception | int = response.status_code
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 error = exc
-            time.sleep(self._retryable(method, path, error, start, attempt))
+            time.sleep(self._retryable(method, path, error, start, attempt, retry_for))
             attempt += 1
 
     async def arequest(self, method: str, path: str, *, json: Any = None,
-                       params: dict | None = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+                       params: dict | None = None, timeout: float = REQUEST_TIMEOUT_S,
+                       retry_for: float | None = None) -> Any:
         start, attempt = time.monotonic(), 0
         async with httpx.AsyncClient(**self._async_args) as client:
             while True:
@@ -94,5 +105,6 @@ class Http:
                     error: Exception | int = response.status_code
                 except (httpx.TransportError, httpx.TimeoutException) as exc:
                     error = exc
-                await asyncio.sleep(self._retryable(method, path, error, start, attempt))
+                await asyncio.sleep(self._retryable(method, path, error, start, attempt,
+                                                    retry_for))
                 attempt += 1

@@ -20,6 +20,7 @@ from zerop2p.types import (
     SamplingParams,
 )
 
+MAX_SAMPLED_TOKENS = 2**18  # tokens one sample request may produce (~7 MB of result)
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -27,7 +28,8 @@ FINISHED = ("done", "failed", "cancelled")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: ``true`` is not a seq, ``"3"`` is not a rank (the coordinator's fields are too)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SessionRequest(_Body):
@@ -37,17 +39,18 @@ class SessionRequest(_Body):
     base_model: str | None = Field(None, min_length=1, max_length=4096)  # or from_state's
     lora_rank: int | None = Field(None, ge=1, le=4096)  # None: full fine-tuning
     lora_alpha: float | None = Field(None, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**53)
     from_state: str | None = Field(None, max_length=4096)
     with_optimizer: bool = False
 
-    @model_validator(mode="after")
-    def _source(self) -> SessionRequest:
+    def source_problem(self) -> str | None:
+        """Why the model's source is ambiguous (None: it is not). A rule between fields, so
+        the coordinator answers it as a conflict (409), not as a schema violation."""
         if (self.base_model is None) == (self.from_state is None):
-            raise ValueError("give exactly one of base_model and from_state")
+            return "give exactly one of base_model and from_state"
         if self.from_state is not None and self.lora_rank is not None:
-            raise ValueError("from_state carries its own LoRA configuration; drop lora_rank")
-        return self
+            return "from_state carries its own LoRA configuration; drop lora_rank"
+        return None
 
 
 class ForwardBackwardBody(_Body):
@@ -74,6 +77,13 @@ class SampleBody(_Body):
     num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> SampleBody:
+        total = self.num_samples * self.sampling_params.max_tokens
+        if total > MAX_SAMPLED_TOKENS:  # the answer must fit the result's body cap
+            raise ValueError(f"num_samples x max_tokens = {total} exceeds {MAX_SAMPLED_TOKENS}")
+        return self
+
 
 class LogprobsBody(_Body):
     prompt: ModelInput
@@ -81,17 +91,18 @@ class LogprobsBody(_Body):
 
 BODIES: dict[str, type[_Body]] = {
     "create": SessionRequest, "forward_backward": ForwardBackwardBody,
+    "forward": ForwardBackwardBody,
     "optim_step": OptimStepBody, "save_state": SaveBody, "save_weights_for_sampler": SaveBody,
     "load_state": LoadBody, "sample": SampleBody, "compute_logprobs": LogprobsBody,
 }
-Kind = Literal["forward_backward", "optim_step", "save_state", "save_weights_for_sampler",
+Kind = Literal["forward_backward", "forward", "optim_step", "save_state", "save_weights_for_sampler",
                "load_state", "sample", "compute_logprobs"]
 
 
 class OperationRequest(_Body):
     """One call, numbered by the client: seq = the session's last + 1 (or a retry of one)."""
 
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=2**53)
     kind: Kind
     body: dict[str, Any]
 
@@ -133,11 +144,12 @@ class NextOperation(_Body):
 
     operation: OperationRecord | None
     session: SessionRecord | None = None
+    noise_salt: str | None = None  # seeds the session's DP noise (with the seq); workers only
 
 
 class ResultRequest(_Body):
-    worker_id: str
-    generation: int
+    worker_id: str = Field(max_length=128)
+    generation: int = Field(ge=0, le=2**53)
     result: dict[str, Any] | None = None
     error: str | None = None
 
@@ -145,8 +157,8 @@ class ResultRequest(_Body):
 class BaseRequest(_Body):
     """A clean state of a session (no gradient pending) covering operations up to ``seq``."""
 
-    worker_id: str
-    seq: int = Field(ge=0)
+    worker_id: str = Field(max_length=128)
+    seq: int = Field(ge=0, le=2**53)
     path: str = Field(min_length=1, max_length=4096)
 
 

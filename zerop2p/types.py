@@ -15,10 +15,20 @@ MAX_DATUMS = 4096  # rows in one forward_backward
 MAX_TOKENS_PER_DATUM = 32_768
 MAX_SAMPLES = 256
 LOSS_FNS = ("cross_entropy",)
+NON_FINITE = ("nan", "inf", "-inf")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A request's part: strict (``true`` is not a token id) and closed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Result(BaseModel):
+    """A worker's answer: lax, so a diverged loss sent as ``"nan"`` (JSON has no NaN) reads
+    back as the float, and open to fields a newer worker adds."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class TensorData(_Model):
@@ -27,6 +37,14 @@ class TensorData(_Model):
     data: list[float] | list[int]
     dtype: Literal["int64", "float32"] = "float32"
     shape: list[int] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _non_finite(cls, value: Any) -> Any:
+        """Workers send NaN and infinities as strings (JSON has none): read them back."""
+        if isinstance(value, list) and any(isinstance(v, str) for v in value):
+            return [float(v) if v in NON_FINITE else v for v in value]
+        return value
 
     def tolist(self) -> list:
         return list(self.data)
@@ -94,6 +112,9 @@ class Datum(_Model):
         for i, w in enumerate(self.loss_fn_inputs["weights"].data):
             if not math.isfinite(w):
                 raise ValueError(f"weights[{i}] is {w}: weights must be finite")
+        for i, t in enumerate(self.loss_fn_inputs["target_tokens"].data):
+            if isinstance(t, float) and not (math.isfinite(t) and t.is_integer()):
+                raise ValueError(f"target_tokens[{i}] is {t}: token ids are integers")
         return self
 
     def targets(self) -> list[int]:
@@ -106,6 +127,8 @@ class Datum(_Model):
 class AdamParams(_Model):
     """AdamW for one step; given per call, so the schedule lives in the client's loop.
     ``grad_clip_norm`` 0 clips nothing; ``weight_decay`` skips biases and norms (the CLI's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     learning_rate: float = Field(1e-4, ge=0)  # 0: a warm-up's first step
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -120,13 +143,14 @@ class DPParams(_Model):
     noise of std ``noise_multiplier * max_grad_norm`` on the summed gradient; ``sample_rate``
     (the batch's share of the dataset) and ``delta`` feed Opacus' RDP accountant."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     noise_multiplier: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     sample_rate: float = Field(gt=0, le=1)
 
 
-class DPMetrics(_Model):
+class DPMetrics(_Result):
     """Privacy spent so far; ``epsilon_spent`` None: unbounded (a step without noise)."""
 
     epsilon_spent: float | None
@@ -134,7 +158,7 @@ class DPMetrics(_Model):
     steps: int
 
 
-class ForwardBackwardOutput(_Model):
+class ForwardBackwardOutput(_Result):
     """Per datum, ``logprobs`` of its target tokens; ``metrics``: loss:sum, tokens, datums."""
 
     loss_fn_output_type: str = "cross_entropy"
@@ -146,7 +170,7 @@ class ForwardBackwardOutput(_Model):
         return self.metrics["loss:sum"]
 
 
-class OptimStepResponse(_Model):
+class OptimStepResponse(_Result):
     step: int
     learning_rate: float
     grad_norm: float
@@ -157,31 +181,40 @@ class OptimStepResponse(_Model):
 class SamplingParams(_Model):
     """``stop``: strings, or token ids, that end a sequence; temperature 0 is greedy."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0)
     stop: list[str] | list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**53)
+    top_k: int = -1  # Tinker's fields; only their defaults (no truncation) are served
+    top_p: float = 1.0
+
+    @model_validator(mode="after")
+    def _untruncated(self) -> SamplingParams:
+        if self.top_k != -1 or self.top_p != 1.0:
+            raise ValueError(f"top_k={self.top_k}, top_p={self.top_p}: only untruncated "
+                             "sampling (top_k -1, top_p 1) is served")
+        return self
 
 
-class SampledSequence(_Model):
+class SampledSequence(_Result):
     stop_reason: Literal["length", "stop"]
     tokens: list[int]
     logprobs: list[float] | None = None
 
 
-class SampleResponse(_Model):
+class SampleResponse(_Result):
     sequences: list[SampledSequence]
     type: Literal["sample"] = "sample"
 
 
-class SaveWeightsResponse(_Model):
+class SaveWeightsResponse(_Result):
     """Where the workers saved: ``path`` (a save_state's other fields are StateInfo's)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
     path: str
 
 
-class StateInfo(_Model):
+class StateInfo(_Result):
     """A saved state: the sharded checkpoint's directory, bytes on disk, content hash."""
 
     name: str

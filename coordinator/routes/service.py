@@ -36,8 +36,10 @@ SessionPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, max_length=64)]
 SeqPath = Annotated[int, Path(ge=0, le=2**53)]
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_S)]
 WHY = {404: "unknown session or operation",
-       409: "the session exists with another configuration, the seq is not the next one or "
-            "holds another body, the model is not built yet, or the operation is not queued"}
+       409: "the session's model source is ambiguous (base_model and from_state: exactly "
+            "one), a result body with both or neither of result and error, the session "
+            "exists with another configuration, the seq is not the next one or holds another "
+            "body, the model is not built yet, or the operation is not queued"}
 
 
 @router.post("/sessions", responses=refusals(*WITH_BODY, 403, 409, why=WHY))
@@ -98,7 +100,7 @@ async def resume(sessions: SessionsDep) -> ResumePoint:
     return ResumePoint(after=sessions.rows.resume_point())
 
 
-@router.post("/ops/{op_id}/result", responses=refusals(*WITH_BODY, 403, 404, why=WHY))
+@router.post("/ops/{op_id}/result", responses=refusals(*WITH_BODY, 403, 404, 409, why=WHY))
 async def post_result(op_id: Annotated[int, Path(ge=1, le=2**53)], body: ResultRequest,
                       sessions: SessionsDep, principal: PrincipalDep) -> OperationRecord:
     """A worker's result (or error) for an operation; the first one posted wins."""

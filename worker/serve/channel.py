@@ -69,8 +69,14 @@ class ServiceChannel:
                error: str | None = None) -> None:
         body = {"worker_id": self.membership.worker_id, "generation": self.generation,
                 "result": result, "error": error}
-        self.membership.request("POST", f"/service/ops/{op.id}/result", body=body,
-                                retry_for=RETRY_S)
+        try:
+            self.membership.request("POST", f"/service/ops/{op.id}/result", body=body,
+                                    retry_for=RETRY_S)
+        except CoordinatorError as err:  # a result too large or refused: say so instead
+            if result is None or err.status not in (413, 422):
+                raise
+            log.error("%s #%d: the coordinator refused its result: %s", op.kind, op.seq, err)
+            self.finish(op, error=f"the result was refused by the coordinator: {err.message}")
 
     def set_base(self, session_id: str, *, seq: int, path: str) -> None:
         body = {"worker_id": self.membership.worker_id, "seq": seq, "path": path}

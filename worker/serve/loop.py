@@ -17,9 +17,12 @@ it unanswered for good (a re-formed group skips what the base covers).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from communication.collectives import CollectiveError
 from worker.serve import ops
@@ -30,6 +33,18 @@ from worker.train.config import TrainConfig
 from zerop2p.requests import BODIES, OperationRecord, SessionRecord
 
 log = logging.getLogger(__name__)
+
+def finite(value):
+    """``value`` with every non-finite float as the string pydantic reads back ("nan", "inf",
+    "-inf"): JSON has no NaN, and a diverged loss must still reach the client."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
 
 CHECK_EVERY_S = 10.0  # between generation checks while operations keep coming
 CHANGES_STATE = frozenset({"create", "forward_backward", "optim_step", "load_state"})
@@ -88,9 +103,9 @@ class OperationLoop:
                 continue
             idle_since = time.monotonic()
             after = nxt.operation.id
-            self.handle(nxt.operation, nxt.session)
+            self.handle(nxt.operation, nxt.session, nxt.noise_salt)
 
-    def handle(self, op: OperationRecord, record: SessionRecord) -> None:
+    def handle(self, op: OperationRecord, record: SessionRecord, salt: str | None = None) -> None:
         served = self.sessions.get(op.session_id)
         finished = op.status in ("done", "failed")
         if served is None:
@@ -99,6 +114,11 @@ class OperationLoop:
                 return  # covered by the base this session will be built from
             if base >= 0:
                 served = self._build(record)
+                if served is None:
+                    if self.rank == 0 and not finished:
+                        self.channel.finish(op, error=f"session {op.session_id!r}: its replay "
+                                                      f"base {record.base_path} is unreadable")
+                    return
             elif op.kind != "create":  # its creation failed: nothing to run this on
                 if self.rank == 0 and not finished:
                     self.channel.finish(op, error=f"session {op.session_id!r} has no model: "
@@ -113,26 +133,48 @@ class OperationLoop:
         if finished:
             log.info("rank %d: replaying %s #%d of %s (finished: not posted again)", self.rank,
                      op.kind, op.seq, op.session_id)
-        result, error = self._run(op, record, served)
+        result, error = self._run(op, record, served, salt)
         if self.rank == 0 and not finished:
             self.channel.finish(op, result=result, error=error)
+        if error is not None and op.kind in CHANGES_STATE and op.kind != "create":
+            # this rank's slices may be half changed, or another rank's changed and not ours
+            raise CollectiveError(f"rank {self.rank}: {op.kind} #{op.seq} of {op.session_id} "
+                                  f"failed ({error}); re-forming to replay from the base")
         if error is None:  # only once its result is posted (see the note)
             self._base_after(op, self.sessions[op.session_id], result)
 
-    def _build(self, record: SessionRecord) -> ServedSession:
-        """A session this generation has not built, from its replay base."""
+    def _build(self, record: SessionRecord) -> ServedSession | None:
+        """A session this generation has not built, from its replay base (None: unreadable)."""
         served = open_session(self.train, record, self.collectives, generation=self.generation)
-        served.load(record.base_path, with_optimizer=True)
+        try:
+            served.load(record.base_path, with_optimizer=True)
+        except (CheckpointError, OSError) as err:
+            log.error("rank %d: session %s: replay base %s: %s", self.rank, record.session_id,
+                      record.base_path, err)
+            return None
         served.applied = record.base_seq
         log.info("rank %d: session %s rebuilt from its base (seq %d)", self.rank,
                  record.session_id, record.base_seq)
         self.sessions[record.session_id] = served
         return served
 
-    def _run(self, op: OperationRecord, record: SessionRecord, served: ServedSession | None
-             ) -> tuple[dict | None, str | None]:
-        """Run ``op``; (result, None), or (None, why) for a refusal every rank makes alike. A
-        lost peer (CollectiveError, TimeoutError) propagates: the group re-forms."""
+    def _run(self, op: OperationRecord, record: SessionRecord, served: ServedSession | None,
+             salt: str | None = None) -> tuple[dict | None, str | None]:
+        """Run ``op`` on every rank; (result, None), or (None, why). A lost peer
+        (CollectiveError, TimeoutError) propagates: the group re-forms. Ranks agree on success
+        in one all-reduce, so a failure on any rank is everyone's (and for an operation that
+        changes the state, ``handle`` re-forms the group after posting it)."""
+        result, error = self._attempt(op, record, served, salt)
+        served = self.sessions.get(op.session_id)
+        if op.kind == "create" or served is None:
+            return result, error
+        failed = served.engine.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))
+        if float(failed[0]) > 0:
+            return None, error or f"{op.kind} failed on {int(failed[0])} other rank(s)"
+        return finite(result), None
+
+    def _attempt(self, op: OperationRecord, record: SessionRecord, served: ServedSession | None,
+                 salt: str | None) -> tuple[dict | None, str | None]:
         try:
             if op.kind == "create":
                 if served is None:
@@ -143,7 +185,7 @@ class OperationLoop:
                 return {"model": served.info.model_dump()}, None
             body = BODIES[op.kind].model_validate(op.body)
             served.begin(op_key(self.generation, op.id))
-            result = self._dispatch(op, body, served)
+            result = self._dispatch(op, body, served, salt)
             served.applied = op.seq
             return result, None
         except (CollectiveError, TimeoutError):
@@ -155,12 +197,15 @@ class OperationLoop:
                 served.applied = op.seq
             return None, f"{type(err).__name__}: {err}"
 
-    def _dispatch(self, op: OperationRecord, body, served: ServedSession) -> dict:
+    def _dispatch(self, op: OperationRecord, body, served: ServedSession,
+                  salt: str | None) -> dict:
         root = self.root(op.session_id)
         if op.kind == "forward_backward":
             return ops.forward_backward(served, body)
+        if op.kind == "forward":
+            return ops.forward_backward(served, body, backward=False)
         if op.kind == "optim_step":
-            return ops.optim_step(served, body)
+            return ops.optim_step(served, body, noise_seed=ops.noise_seed(salt, op))
         if op.kind == "save_state":
             return ops.save_state(served, body, root, op.seq)
         if op.kind == "save_weights_for_sampler":
@@ -177,7 +222,7 @@ class OperationLoop:
         base that cannot be saved is logged: replays then start from the previous one."""
         try:
             if op.kind == "optim_step" and served.progress.step % self.config.base_every == 0:
-                self._base(served, ops.save_base(served, self.root(op.session_id)), op.seq)
+                self._base(served, ops.save_base(served, self.root(op.session_id), op.seq), op.seq)
             elif op.kind == "save_state" and not served.dirty:
                 self._base(served, Path(result["path"]) if self.rank == 0 else None, op.seq)
         except (CheckpointError, OSError) as err:

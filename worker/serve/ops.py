@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
 from worker.engine.progress import Activity
-from worker.serve.privacy import PrivacyLedger, add_noise, agree_seed, dp_forward_backward
+from worker.serve.privacy import PrivacyLedger, add_noise, dp_forward_backward
 from worker.serve.rows import datum_losses, rank_rows, target_logprobs
 from worker.serve.sampling import compute_logprobs as run_logprobs
 from worker.serve.sampling import sample as run_sample
 from worker.serve.session import ServedSession
-from worker.state.catalog import prune_checkpoints
 from worker.state.checkpoint import save_checkpoint
 from worker.state.export import export_checkpoint
 from zerop2p.requests import (
@@ -39,16 +39,20 @@ def _rank_world(served: ServedSession) -> tuple[int, int]:
     return c.rank, c.world_size
 
 
-def forward_backward(served: ServedSession, body: ForwardBackwardBody) -> dict:
-    """Loss sum over datums (weights as given), backward into the accumulated gradient."""
+def forward_backward(served: ServedSession, body: ForwardBackwardBody, *,
+                     backward: bool = True) -> dict:
+    """Loss sum over datums (weights as given), backward into the accumulated gradient (or,
+    for ``forward``, only the loss and logprobs)."""
     engine = served.engine
     rank, world = _rank_world(served)
     rows = rank_rows(body.data, rank=rank, world_size=world).to(engine.config.device)
-    out = engine.forward(**rows.model_inputs())
-    logprobs = target_logprobs(out.logits, rows.targets)
-    losses = datum_losses(logprobs, rows.weights)
-    engine.backward(losses.sum() * world)  # the engine averages over ranks: x W sums them
-    served.window.append(rows.to(torch.device("cpu")))
+    with torch.set_grad_enabled(backward):
+        out = engine.forward(**rows.model_inputs())
+        logprobs = target_logprobs(out.logits, rows.targets)
+        losses = datum_losses(logprobs, rows.weights)
+    if backward:
+        engine.backward(losses.sum() * world)  # the engine averages over ranks: x W sums them
+        served.window.append(rows.to(torch.device("cpu")))
     # every datum's logprobs and loss, gathered in one all-reduce (padding rows are dropped)
     n, width = len(body.data), rows.input_ids.shape[1]
     table = torch.zeros(n, width + 1)
@@ -74,7 +78,14 @@ def _set_hyperparameters(optimizer: torch.optim.Optimizer, body: OptimStepBody) 
                      weight_decay=adam.weight_decay)
 
 
-def optim_step(served: ServedSession, body: OptimStepBody) -> dict:
+def noise_seed(salt: str | None, op) -> int:
+    """The DP noise seed of operation ``op``: the session's secret salt (the coordinator's,
+    never shown to clients) and the op's seq, so a replay draws the same noise."""
+    material = f"{salt or ''}/{op.session_id}/{op.seq}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:6], "big")
+
+
+def optim_step(served: ServedSession, body: OptimStepBody, *, noise_seed: int = 0) -> dict:
     """Finish the gradients (clip to ``grad_clip_norm``), step AdamW, zero the gradients.
 
     With ``dp`` the plain gradients of the window's forward_backward calls are dropped and the
@@ -92,10 +103,12 @@ def optim_step(served: ServedSession, body: OptimStepBody) -> dict:
     metrics = None
     if dp is not None:
         add_noise(engine, noise_multiplier=dp.noise_multiplier,
-                  max_grad_norm=dp.max_grad_norm, seed=agree_seed(engine))
+                  max_grad_norm=dp.max_grad_norm, seed=noise_seed)
         served.ledger = served.ledger or PrivacyLedger()
         served.ledger.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
         metrics = served.ledger.metrics(dp.delta).model_dump()
+    elif served.ledger is not None:  # a public step after private ones: no bound holds now
+        served.ledger.public_steps += 1
     _set_hyperparameters(served.optimizer, body)
     engine.publish(Activity.OPTIMIZER)
     served.optimizer.step()
@@ -145,11 +158,15 @@ def save_for_sampler(served: ServedSession, body: SaveBody, root: Path) -> dict:
     return {"path": str(Path(out).resolve())}
 
 
-def save_base(served: ServedSession, root: Path, *, keep: int = 2) -> Path:
-    """A replay base: the newest clean state, the older ones pruned."""
-    path = save(served, root / "replay")
+def save_base(served: ServedSession, root: Path, seq: int, *, keep: int = 2) -> Path:
+    """A replay base covering operations up to ``seq``, in a directory of its own (named by
+    seq, not step: a load_state may take the step back); all but the newest ``keep`` go."""
+    path = save(served, root / "replay" / f"seq_{seq}")
     if served.engine.collectives.rank == 0:
-        prune_checkpoints(root / "replay", keep_last=keep, keep_best=False)
+        bases = sorted((int(d.name.removeprefix("seq_")), d) for d in (root / "replay").iterdir()
+                       if d.name.startswith("seq_") and d.name[4:].isdigit())
+        for _, old in bases[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

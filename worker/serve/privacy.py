@@ -189,6 +189,7 @@ class PrivacyLedger:
 
     def __init__(self) -> None:
         self.accountant = RDPAccountant()
+        self.public_steps = 0  # steps without DP after the first private one
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one optimizer step with this noise and sampling rate. The RDP bound assumes
@@ -209,14 +210,14 @@ class PrivacyLedger:
         return float(self.accountant.get_epsilon(delta=delta))
 
     def metrics(self, delta: float) -> DPMetrics:
-        """What the optimizer step reports."""
-        eps = self.epsilon(delta)
+        """What the optimizer step reports; unbounded (None) once a step without DP ran."""
+        eps = self.epsilon(delta) if not self.public_steps else math.inf
         return DPMetrics(epsilon_spent=eps if math.isfinite(eps) else None, delta=delta,
                          steps=self.steps)
 
     def state_dict(self) -> dict:
         """JSON-ready: the accountant's history as [noise_multiplier, sample_rate, steps]."""
-        return {"mechanism": self.accountant.mechanism(),
+        return {"mechanism": self.accountant.mechanism(), "public_steps": self.public_steps,
                 "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -226,3 +227,4 @@ class PrivacyLedger:
             raise ValueError(f"privacy ledger state is for accountant {mechanism!r}, expected "
                              f"{self.accountant.mechanism()!r}")
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.public_steps = int(state.get("public_steps", 0))
