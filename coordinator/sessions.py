@@ -168,12 +168,22 @@ class Sessions:
         return NextOperation(operation=op, session=self.session(op.session_id),
                              noise_salt=self.rows.noise_salt(op.session_id))
 
+    def _check_poster(self, worker_id: str, generation: int) -> None:
+        """Only a member of an active generation (the serving group) posts results and bases:
+        a late post from a group that has since re-formed, or from anyone else, is refused."""
+        active = {g.generation: g for g in self.rows.store.active_generations()}
+        gen = active.get(generation)
+        if gen is None or not gen.has(worker_id):
+            raise Refusal(409, f"{worker_id!r} is not a member of an active generation "
+                               f"{generation}: only the serving group posts results and bases")
+
     def finish(self, op_id: int, request: ResultRequest) -> OperationRecord:
         record = self.rows.operation_by_id(op_id)
         if record is None:
             raise Refusal(404, f"no operation with id {op_id}")
         if (request.result is None) == (request.error is None):
             raise Refusal(409, "result: give exactly one of result and error")
+        self._check_poster(request.worker_id, request.generation)
         if self.rows.finish(op_id, result=request.result, error=request.error):
             log.info("operation %d (%s #%d, %s) %s by %s", op_id, record.session_id, record.seq,
                      record.kind, "failed" if request.error else "done", request.worker_id)
@@ -182,5 +192,6 @@ class Sessions:
 
     def set_base(self, session_id: str, request: BaseRequest) -> SessionRecord:
         self.session(session_id)
+        self._check_poster(request.worker_id, request.generation)
         self.rows.set_base(session_id, request.seq, request.path)
         return self.session(session_id)

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from coordinator_helpers import TOKEN, client, serve
+from coordinator_helpers import TOKEN, client, register, serve
 
 from coordinator.config import Settings
 from zerop2p import ServiceClient, ServiceError, types
@@ -29,13 +29,29 @@ def datum(tokens, weights=None, targets=None) -> dict:
                                "weights": weights or [1.0] * n}}
 
 
+def serving(http) -> int:
+    """The pretend serving worker ``w``'s active generation (registered and formed once: a
+    member re-registering would end it)."""
+    gen = http.get("/training/generation").json()["generation"]
+    if gen is None:
+        register(http, "w")
+        gen = http.get("/training/ready", params={"min_workers": 1}).json()["generation"]
+    return gen
+
+
+def post_result(http, op_id, result=None, *, worker="w", error=None):
+    return http.post(f"/service/ops/{op_id}/result",
+                     json={"worker_id": worker, "generation": serving(http), "result": result,
+                           "error": error})
+
+
 def create(http, sid="s1") -> int:
     """A session whose creation a pretend worker finishes; returns the create op's id."""
     http.post("/service/sessions", json={"session_id": sid, "base_model": "tiny-gpt2"})
-    op = http.get("/service/next", params={"after": 0}).json()["operation"]
+    after = http.get("/service/resume").json()["after"]
+    op = http.get("/service/next", params={"after": after}).json()["operation"]
     assert (op["session_id"], op["seq"], op["kind"], op["status"]) == (sid, 0, "create", "running")
-    done = http.post(f"/service/ops/{op['id']}/result",
-                     json={"worker_id": "w", "generation": 1, "result": {"model": MODEL}})
+    done = post_result(http, op["id"], {"model": MODEL})
     assert done.json()["status"] == "done"
     return op["id"]
 
@@ -89,8 +105,7 @@ def test_model_bound_bodies_wait_for_the_build_and_cancel_only_queued(tmp_path):
         early = submit(http, 1)
         assert early.status_code == 409 and "not built yet" in early.text
         op0 = http.get("/service/next", params={"after": 0}).json()["operation"]
-        http.post(f"/service/ops/{op0['id']}/result",
-                  json={"worker_id": "w", "generation": 1, "result": {"model": MODEL}})
+        post_result(http, op0["id"], {"model": MODEL})
         submit(http, 1)
         submit(http, 2, "optim_step", {"adam_params": {}})
         taken = http.get("/service/next", params={"after": op0["id"]}).json()["operation"]
@@ -112,12 +127,12 @@ def test_the_first_result_wins_and_a_long_poll_wakes_on_it(tmp_path):
         waiter.start()
         time.sleep(0.3)
         assert not answers  # the long-poll holds the request while the op runs
+        outsider = post_result(http, op["id"], {"metrics": {"loss:sum": 7.0}}, worker="ghost")
+        assert outsider.status_code == 409 and "not a member" in outsider.text
         result = {"loss_fn_outputs": [], "metrics": {"loss:sum": 1.5}}
-        http.post(f"/service/ops/{op['id']}/result",
-                  json={"worker_id": "w0", "generation": 1, "result": result})
+        post_result(http, op["id"], result)
         late = {"loss_fn_outputs": [], "metrics": {"loss:sum": 9.0}}
-        http.post(f"/service/ops/{op['id']}/result",
-                  json={"worker_id": "w1", "generation": 2, "result": late})
+        post_result(http, op["id"], late)  # a replay's second answer changes nothing
         waiter.join(10)
         assert answers["status"] == "done" and answers["result"]["metrics"]["loss:sum"] == 1.5
         stored = http.get("/service/sessions/s1/ops/1").json()
@@ -131,10 +146,10 @@ def test_queued_and_finished_operations_survive_a_restart_and_resume_from_the_ba
         for seq in (1, 2, 3):
             submit(http, seq, "optim_step", {"adam_params": {"learning_rate": seq * 1e-3}})
         first = http.get("/service/next", params={"after": create_id}).json()["operation"]
-        http.post(f"/service/ops/{first['id']}/result",
-                  json={"worker_id": "w", "generation": 1, "result": {"step": 1}})
+        post_result(http, first["id"], {"step": 1})
         assert http.get("/service/resume").json()["after"] == 0  # no base: from the start
-        http.post("/service/sessions/s1/base", json={"worker_id": "w", "seq": 1, "path": "/p"})
+        http.post("/service/sessions/s1/base", json={"worker_id": "w", "generation": serving(http),
+                                                     "seq": 1, "path": "/p"})
     with serve(Settings(db=db, token=TOKEN)) as (url, _), client(url) as http:
         statuses = [http.get(f"/service/sessions/s1/ops/{s}").json()["status"] for s in range(4)]
         assert statuses == ["done", "done", "queued", "queued"]

@@ -158,6 +158,7 @@ class BaseRequest(_Body):
     """A clean state of a session (no gradient pending) covering operations up to ``seq``."""
 
     worker_id: str = Field(max_length=128)
+    generation: int = Field(ge=0, le=2**53)
     seq: int = Field(ge=0, le=2**53)
     path: str = Field(min_length=1, max_length=4096)
 

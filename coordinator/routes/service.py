@@ -36,7 +36,8 @@ SessionPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, max_length=64)]
 SeqPath = Annotated[int, Path(ge=0, le=2**53)]
 WaitQuery = Annotated[float, Query(ge=0, le=MAX_WAIT_S)]
 WHY = {404: "unknown session or operation",
-       409: "the session's model source is ambiguous (base_model and from_state: exactly "
+       409: "the poster is not a member of an active generation (results and bases), the "
+            "session's model source is ambiguous (base_model and from_state: exactly "
             "one), a result body with both or neither of result and error, the session "
             "exists with another configuration, the seq is not the next one or holds another "
             "body, the model is not built yet, or the operation is not queued"}
@@ -108,7 +109,8 @@ async def post_result(op_id: Annotated[int, Path(ge=1, le=2**53)], body: ResultR
     return sessions.finish(op_id, body)
 
 
-@router.post("/sessions/{session_id}/base", responses=refusals(*WITH_BODY, 403, 404, why=WHY))
+@router.post("/sessions/{session_id}/base",
+             responses=refusals(*WITH_BODY, 403, 404, 409, why=WHY))
 async def set_base(session_id: SessionPath, body: BaseRequest, sessions: SessionsDep,
                    principal: PrincipalDep) -> SessionRecord:
     """A worker's clean saved state covering the session's operations up to ``seq``."""

@@ -70,8 +70,7 @@ class ServiceChannel:
         body = {"worker_id": self.membership.worker_id, "generation": self.generation,
                 "result": result, "error": error}
         try:
-            self.membership.request("POST", f"/service/ops/{op.id}/result", body=body,
-                                    retry_for=RETRY_S)
+            self._post(f"/service/ops/{op.id}/result", body)
         except CoordinatorError as err:  # a result too large or refused: say so instead
             if result is None or err.status not in (413, 422):
                 raise
@@ -79,6 +78,16 @@ class ServiceChannel:
             self.finish(op, error=f"the result was refused by the coordinator: {err.message}")
 
     def set_base(self, session_id: str, *, seq: int, path: str) -> None:
-        body = {"worker_id": self.membership.worker_id, "seq": seq, "path": path}
-        self.membership.request("POST", f"/service/sessions/{session_id}/base", body=body,
-                                retry_for=RETRY_S)
+        body = {"worker_id": self.membership.worker_id, "generation": self.generation,
+                "seq": seq, "path": path}
+        self._post(f"/service/sessions/{session_id}/base", body)
+
+    def _post(self, path: str, body: dict) -> None:
+        """POST for the serving group; a 409 (this generation is no longer active) makes the
+        worker rejoin, as a lost peer does."""
+        try:
+            self.membership.request("POST", path, body=body, retry_for=RETRY_S)
+        except CoordinatorError as err:
+            if err.status == 409:
+                raise CollectiveError(f"{self.membership.worker_id}: {err.message}") from err
+            raise
