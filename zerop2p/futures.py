@@ -33,11 +33,12 @@ class APIFuture(Generic[T]):
     def _path(self) -> str:
         return f"/service/sessions/{self.session_id}/ops/{self.seq}"
 
-    def _finish(self, record: dict) -> T | None:
+    def _finish(self, record: dict) -> bool:
+        """Keep ``record`` if the operation has finished; whether it has."""
         if record["status"] in ("queued", "running"):
-            return None
+            return False
         self._record = record
-        return self._value()
+        return True
 
     def _value(self) -> T:
         record = self._record
@@ -62,45 +63,39 @@ class APIFuture(Generic[T]):
         """Connection retries end with the caller's deadline (None: the client's own)."""
         return None if deadline is None else max(deadline - time.monotonic(), 1.0)
 
-    def result(self, timeout: float | None = None) -> T:
-        """The operation's result; raises OperationFailedError if it failed, CancelledError if it was
-        cancelled, TimeoutError after ``timeout`` s."""
-        if self._record is not None:
-            return self._value()
+    def _polls(self, timeout: float | None):
+        """The keyword arguments of each long-poll until ``timeout`` s pass (the first poll
+        always runs, so ``result(0)`` looks once); the sync and async waits share them."""
         deadline = None if timeout is None else time.monotonic() + timeout
         first = True
         while True:
             wait = self._remaining(deadline, first)
-            record = self.http.request("GET", self._path, params={"wait": wait},
-                                       timeout=wait + 30, retry_for=self._retry_for(deadline))
             first = False
-            if record["status"] not in ("queued", "running"):
-                return self._finish(record)
+            yield {"params": {"wait": wait}, "timeout": wait + 30,
+                   "retry_for": self._retry_for(deadline)}
+
+    def result(self, timeout: float | None = None) -> T:
+        """The operation's result; raises OperationFailedError if it failed, CancelledError if
+        it was cancelled, TimeoutError after ``timeout`` s."""
+        if self._record is None:
+            for poll in self._polls(timeout):
+                if self._finish(self.http.request("GET", self._path, **poll)):
+                    break
+        return self._value()
 
     async def result_async(self, timeout: float | None = None) -> T:
-        if self._record is not None:
-            return self._value()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        first = True
-        while True:
-            wait = self._remaining(deadline, first)
-            record = await self.http.arequest("GET", self._path, params={"wait": wait},
-                                              timeout=wait + 30,
-                                              retry_for=self._retry_for(deadline))
-            first = False
-            if record["status"] not in ("queued", "running"):
-                return self._finish(record)
+        if self._record is None:
+            for poll in self._polls(timeout):
+                if self._finish(await self.http.arequest("GET", self._path, **poll)):
+                    break
+        return self._value()
 
     def __await__(self):
         return self.result_async().__await__()
 
     def done(self) -> bool:
         """Whether the operation has finished (one short request unless known)."""
-        if self._record is None:
-            record = self.http.request("GET", self._path)
-            if record["status"] not in ("queued", "running"):
-                self._record = record
-        return self._record is not None
+        return self._record is not None or self._finish(self.http.request("GET", self._path))
 
     def cancel(self) -> bool:
         """Cancel the operation if no worker has taken it yet; False otherwise."""
@@ -110,8 +105,7 @@ class APIFuture(Generic[T]):
             if err.status != 409:
                 raise
             record = self.http.request("GET", self._path)  # a retried DELETE may have won
-            if record["status"] not in ("queued", "running"):
-                self._record = record
+            self._finish(record)
             return record["status"] == "cancelled"
         return True
 
